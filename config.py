@@ -1,0 +1,185 @@
+"""The training configuration: one dataclass, parsed from the command line and validated once.
+
+Every checkpoint stores it as a plain dict, so inference and resume need only the checkpoint.
+"""
+
+import argparse
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
+from models import NORMS, ModelConfig
+from utils import UserError
+
+GAN_LOSSES = ("bce", "lsgan")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+CACHE_MODES = ("auto", "on", "off")
+
+
+def option(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # Data.
+    data_dir: str = option("./dataset", "folder with train/ and val/ sub-folders")
+    layout: str = option("auto", "pair layout on disk", LAYOUTS)
+    label_side: str = option("auto", "side-by-side layout: which half is the label map",
+                             LABEL_SIDES)
+    direction: str = option("label2photo", "translate label maps to photos or back",
+                            DIRECTIONS)
+    image_size: int = option(256, "training crop in pixels (a power of two; sets U-Net depth)")
+    load_size: int = option(0, "resize before the random crop; 0: image_size * 286 / 256")
+    crop: bool = option(True, "random crop after resizing to load_size")
+    flip: bool = option(True, "random horizontal flip")
+    cache: str = option("auto", "keep decoded images in memory (auto: if they fit)",
+                        CACHE_MODES)
+    num_workers: int = option(-1, "data loader processes; -1: suited to the cores")
+    # Model.
+    generator_channels: int = option(64, "width of the generator's first layer")
+    discriminator_channels: int = option(64, "width of the discriminator's first layer")
+    discriminator_layers: int = option(3, "PatchGAN depth: 0 pixel, 1 16x16, 3 70x70, 5 286x286")
+    norm: str = option("batch", "normalisation layers", tuple(NORMS))
+    dropout: bool = option(True, "dropout in the generator's deep decoder blocks")
+    # Optimisation.
+    epochs: int = option(50, "epochs in total")
+    decay_epochs: int = option(0, "of --epochs, how many decay the LR linearly to 0")
+    batch_size: int = option(4, "images per step (per process under torchrun)")
+    lr: float = option(2e-4, "Adam learning rate for both networks")
+    beta1: float = option(0.5, "Adam beta1")
+    beta2: float = option(0.999, "Adam beta2")
+    lambda_l1: float = option(100.0, "weight of the L1 term in the generator loss")
+    gan_loss: str = option("bce", "adversarial loss: BCE on logits (paper) or least squares",
+                           GAN_LOSSES)
+    seed: int = option(0, "random seed")
+    max_steps: int = option(0, "stop after this many steps in total (0: no limit)")
+    # Speed.
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    precision: str = option("fp32", "fp32, tf32 (CUDA), bf16 autocast, fp16 autocast (CUDA)",
+                            PRECISIONS)
+    channels_last: bool = option(False, "channels-last memory format")
+    compile: bool = option(False, "torch.compile both networks")
+    sync_batchnorm: bool = option(False, "torchrun on CUDA: batch statistics over all processes")
+    # Outputs.
+    checkpoint_dir: str = option("./checkpoints", "where generator.pth and latest.pth go")
+    log_file: str = option("./training_log.json", "JSON loss log")
+    sample_dir: str = option("./samples", "PNG grids of input | generated | target")
+    log_every_steps: int = option(50, "log losses every N steps")
+    sample_every_steps: int = option(500, "write a sample grid every N steps (0: epoch ends)")
+    checkpoint_every_steps: int = option(1000, "save latest.pth every N steps (0: epoch ends)")
+    snapshot_every_epochs: int = option(0, "keep epoch_N.pth every N epochs (0: never)")
+    val_every_epochs: int = option(1, "validation L1/PSNR every N epochs")
+    num_samples: int = option(4, "validation pairs shown in each sample grid")
+
+    def __post_init__(self):
+        for name in ("image_size", "epochs", "batch_size", "generator_channels",
+                     "discriminator_channels", "log_every_steps", "val_every_epochs",
+                     "num_samples"):
+            _check_number(name, getattr(self, name), minimum=1)
+        for name in ("decay_epochs", "load_size", "max_steps", "sample_every_steps",
+                     "checkpoint_every_steps", "snapshot_every_epochs",
+                     "discriminator_layers"):
+            _check_number(name, getattr(self, name), minimum=0)
+        for name in ("lr", "beta1", "beta2", "lambda_l1"):
+            _check_number(name, getattr(self, name), minimum=0, integer=False)
+        if self.lr == 0:
+            raise UserError("--lr must be > 0")
+        if not (self.beta1 < 1 and self.beta2 < 1):
+            raise UserError("--beta1 and --beta2 must be < 1")
+        if self.decay_epochs > self.epochs:
+            raise UserError(f"--decay_epochs {self.decay_epochs} exceeds --epochs {self.epochs}")
+        if self.num_workers < -1:
+            raise UserError("--num_workers must be >= 0, or -1 for automatic")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"--{f.name} {getattr(self, f.name)!r}: choose one of "
+                                f"{', '.join(choices)}")
+        if self.load_size == 0:
+            self.load_size = round(self.image_size * 286 / 256)
+        try:
+            self.model_config()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    def model_config(self):
+        return ModelConfig(image_size=self.image_size,
+                           generator_channels=self.generator_channels,
+                           discriminator_channels=self.discriminator_channels,
+                           discriminator_layers=self.discriminator_layers,
+                           norm=self.norm, dropout=self.dropout)
+
+    def loader_workers(self):
+        if self.num_workers >= 0:
+            return self.num_workers
+        # On a small machine extra workers compete with the model for the same cores.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        return 0 if cores <= 2 else min(8, cores // 2)
+
+    def to_dict(self):
+        return asdict(self) | {"model": self.model_config().to_dict()}
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _check_number(name, value, minimum, integer=True):
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum:
+        bound = f">= {minimum}" if minimum == 0 or not integer else f">= {minimum}"
+        raise UserError(f"--{name} must be a finite number {bound}, got {value!r}")
+
+
+# Settings that may change when resuming; the rest would change the run itself.
+RESUMABLE_OVERRIDES = {
+    "epochs", "decay_epochs", "max_steps", "device", "num_workers", "cache", "precision",
+    "channels_last", "compile", "checkpoint_dir", "log_file", "sample_dir", "log_every_steps",
+    "sample_every_steps", "checkpoint_every_steps", "snapshot_every_epochs",
+    "val_every_epochs", "data_dir", "sync_batchnorm",
+}
+
+
+def build_parser(description):
+    """An argparse parser with one flag per TrainConfig field; defaults are suppressed so the
+    caller can tell which flags were given (for --demo and --resume)."""
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if f.type is bool or isinstance(default, bool):
+            if default:
+                parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
+                                    help=f"turn off: {f.metadata['help']}")
+            else:
+                parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            continue
+        kind = type(default)
+        parser.add_argument(f"--{f.name}", type=_parse_as(kind), help=help_text,
+                            choices=f.metadata.get("choices"))
+    return parser
+
+
+def _parse_as(kind):
+    def parse(text):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def merge_for_resume(saved, given):
+    """The checkpoint's configuration with the allowed overrides from the command line."""
+    changed = sorted(k for k, v in given.items() if k not in RESUMABLE_OVERRIDES and
+                     saved.get(k) != v)
+    if changed:
+        raise UserError(f"--resume: cannot change {', '.join('--' + k for k in changed)} of a "
+                        "run in progress; start a new run instead")
+    return TrainConfig.from_dict({**saved, **given})

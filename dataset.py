@@ -1,0 +1,323 @@
+"""Finding (label map, photo) pairs on disk, loading them, and the paired augmentation.
+
+Two layouts, detected by themselves (or forced):
+  paired        NAME_input.jpg (label map) next to NAME_target.jpg (photo); .png etc. too.
+  side_by_side  one image per pair, photo and label map side by side (the public Cityscapes
+                pix2pix set: photo left, label right). Which half is the label is decided once
+                per dataset from a sample of files: a label map has few distinct colours.
+
+Run `python dataset.py --check ./dataset` to see what the loader makes of a folder.
+"""
+
+import argparse
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from utils import UserError, one_line, run_cli, to_unit_range
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+LAYOUTS = ("auto", "paired", "side_by_side")
+LABEL_SIDES = ("auto", "left", "right")
+DIRECTIONS = ("label2photo", "photo2label")
+PAIR_NAME = re.compile(r"^(?P<stem>.+)_(?P<role>input|target)$")
+
+
+@dataclass(frozen=True)
+class PairFiles:
+    """Where one pair lives: two files (paired) or one file split in halves (side_by_side)."""
+
+    label: Path
+    photo: Path  # the same file as `label` in the side-by-side layout
+    label_side: str = ""  # "left" or "right" in the side-by-side layout
+
+
+# --- Reading images -------------------------------------------------------------------------
+
+def read_rgb(path, role="image"):
+    """Decode an image file to a (H, W, 3) uint8 array; `role` names it in error messages.
+
+    RGBA and palette images are converted (alpha dropped), 16-bit images scaled to 8 bits,
+    EXIF rotation applied. A grayscale label map is refused: a colour label map is expected.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        what = "empty file (0 bytes)" if path.stat().st_size == 0 else "not an image file"
+        raise UserError(f"{path}: cannot read the {role}: {what}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read the {role}: corrupt or truncated image "
+                        f"({one_line(e)})") from None
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.round(array * (255.0 / peak)).astype(np.uint8), mode="L")
+    if image.mode in ("L", "1", "LA") and role == "label map":
+        raise UserError(f"{path}: the label map is single-channel (grayscale); a colour label "
+                        "map (Cityscapes colours) is expected")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.array(image.convert("RGB"))
+
+
+def image_size(path):
+    """(width, height) from the header, without decoding; a clear error for non-images."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except UnidentifiedImageError:
+        what = "empty file (0 bytes)" if Path(path).stat().st_size == 0 else "not an image file"
+        raise UserError(f"{path}: {what}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the image header ({one_line(e)})") from None
+
+
+def distinct_colors(array, bits=4):
+    """Distinct colours after keeping `bits` bits per channel (JPEG noise is mostly below)."""
+    q = (array >> (8 - bits)).astype(np.int32)
+    codes = (q[..., 0] << (2 * bits)) | (q[..., 1] << bits) | q[..., 2]
+    return len(np.unique(codes))
+
+
+# --- Finding pairs --------------------------------------------------------------------------
+
+def list_images(folder):
+    """Image files of a folder, sorted naturally (2.jpg before 10.jpg); other files warned."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: data folder not found")
+    images, others = [], []
+    for p in folder.iterdir():
+        if p.name.startswith("."):
+            continue
+        (images if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES else others).append(p)
+    if others:
+        names = ", ".join(sorted(p.name for p in others)[:5])
+        warnings.warn(f"{folder}: skipping {len(others)} non-image entries ({names})",
+                      stacklevel=2)
+    if not images:
+        raise UserError(f"{folder}: no images found (expected .jpg or .png files)")
+    return sorted(images, key=_natural_key)
+
+
+def _natural_key(path):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def detect_layout(images):
+    roles = [PAIR_NAME.match(p.stem) is not None for p in images]
+    if all(roles):
+        return "paired"
+    if not any(roles):
+        return "side_by_side"
+    odd = next(p for p, r in zip(images, roles) if not r)
+    raise UserError(f"{odd}: the folder mixes NAME_input/NAME_target pairs with other images; "
+                    "keep one layout per folder")
+
+
+def paired_files(images):
+    """Match NAME_input.* with NAME_target.*; an orphan is an error naming the file."""
+    by_stem = {}
+    for p in images:
+        m = PAIR_NAME.match(p.stem)
+        if m is None:
+            raise UserError(f"{p}: not named NAME_input.* or NAME_target.*")
+        slot = by_stem.setdefault(m["stem"], {})
+        if m["role"] in slot:
+            raise UserError(f"{p}: two {m['role']} files for '{m['stem']}' "
+                            f"({slot[m['role']].name} and {p.name})")
+        slot[m["role"]] = p
+    pairs = []
+    for stem, slot in by_stem.items():
+        for role, other in (("input", "target"), ("target", "input")):
+            if role in slot and other not in slot:
+                raise UserError(f"{slot[role]}: has no matching {stem}_{other} file")
+        pairs.append(PairFiles(label=slot["input"], photo=slot["target"]))
+    return sorted(pairs, key=lambda pair: _natural_key(pair.label))
+
+
+def detect_label_side(paths, sample=16):
+    """'left' or 'right': the half with fewer distinct colours, by majority over a sample."""
+    step = max(1, len(paths) // sample)
+    votes = {"left": 0, "right": 0}
+    for path in list(paths)[::step][:sample]:
+        array = read_rgb(path, "side-by-side pair")
+        half = array.shape[1] // 2
+        left, right = distinct_colors(array[:, :half]), distinct_colors(array[:, half:])
+        if max(left, right) >= 1.5 * min(left, right):
+            votes["left" if left < right else "right"] += 1
+    if votes["left"] == votes["right"]:
+        warnings.warn(f"{Path(paths[0]).parent}: could not tell which half is the label map; "
+                      "assuming the right half (the public set); use --label_side to choose",
+                      stacklevel=2)
+        return "right"
+    return max(votes, key=votes.get)
+
+
+def find_pairs(folder, layout="auto", label_side="auto"):
+    """All pairs of one split folder, and the layout and label side used."""
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if label_side not in LABEL_SIDES:
+        raise UserError(f"--label_side {label_side!r}: choose one of {', '.join(LABEL_SIDES)}")
+    images = list_images(folder)
+    if layout == "auto":
+        layout = detect_layout(images)
+    if layout == "paired":
+        return paired_files(images), layout, ""
+    if label_side == "auto":
+        label_side = detect_label_side(images)
+    return [PairFiles(p, p, label_side) for p in images], layout, label_side
+
+
+def load_pair(pair):
+    """Decode one pair to two (H, W, 3) uint8 arrays: (label map, photo)."""
+    if not pair.label_side:
+        label, photo = read_rgb(pair.label, "label map"), read_rgb(pair.photo, "photo")
+        if label.shape != photo.shape:
+            raise UserError(f"{pair.label}: size {label.shape[1]}x{label.shape[0]} differs "
+                            f"from its photo {pair.photo.name} "
+                            f"({photo.shape[1]}x{photo.shape[0]})")
+        return label, photo
+    array = read_rgb(pair.label, "side-by-side pair")
+    half = array.shape[1] // 2
+    if half < 1:
+        raise UserError(f"{pair.label}: too narrow to hold two halves")
+    left, right = array[:, :half], array[:, half:2 * half]
+    return (left, right) if pair.label_side == "left" else (right, left)
+
+
+# --- The dataset ----------------------------------------------------------------------------
+
+def sample_seed(seed, epoch, index):
+    """One augmentation seed per (run seed, epoch, sample): independent of worker count."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class PairDataset(Dataset):
+    """(source, target) tensors in [-1, 1], label maps always resized with nearest neighbour.
+
+    Items are indexed by `index` or by `(epoch, index)`: training draws its random crop and
+    flip from a generator seeded by (seed, epoch, index), so a run is reproducible whatever the
+    number of loader workers and can be resumed mid-epoch.
+    """
+
+    def __init__(self, folder, *, image_size=256, load_size=286, train=True, crop=True,
+                 flip=True, direction="label2photo", layout="auto", label_side="auto",
+                 seed=0):
+        if direction not in DIRECTIONS:
+            raise UserError(f"--direction {direction!r}: choose one of {', '.join(DIRECTIONS)}")
+        if train and crop and load_size < image_size:
+            raise UserError(f"--load_size {load_size} must be >= --image_size {image_size}")
+        self.folder = Path(folder)
+        self.pairs, self.layout, self.label_side = find_pairs(folder, layout, label_side)
+        self.direction = direction
+        self.seed = seed
+        first_size = (load_size, load_size) if train and crop else (image_size, image_size)
+        # The deterministic first stage; its result is what `cache` keeps in memory.
+        self.resize = v2.Resize(first_size, interpolation=v2.InterpolationMode.BICUBIC,
+                                antialias=True)
+        random_stages = []
+        if train and crop:
+            random_stages.append(v2.RandomCrop(image_size))
+        if train and flip:
+            random_stages.append(v2.RandomHorizontalFlip())
+        self.augment = v2.Compose(random_stages) if random_stages else None
+        self.cache = None
+
+    def fill_cache(self):
+        """Decode and resize every pair once; afterwards an item costs only the random crop
+        and flip. Loader workers forked later share this memory."""
+        self.cache = [self._load_resized(i) for i in range(len(self.pairs))]
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def _load_resized(self, index):
+        label, photo = load_pair(self.pairs[index])
+        # A Mask is resized with nearest neighbour by torchvision, so label colours stay exact;
+        # giving both images in one call applies one random draw to both.
+        label = tv_tensors.Mask(torch.from_numpy(label).permute(2, 0, 1).contiguous())
+        photo = tv_tensors.Image(torch.from_numpy(photo).permute(2, 0, 1).contiguous())
+        return self.resize(label, photo)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        label, photo = self.cache[index] if self.cache is not None else self._load_resized(index)
+        if self.augment is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                label, photo = self.augment(label, photo)
+        label = to_unit_range(label.as_subclass(torch.Tensor))
+        photo = to_unit_range(photo.as_subclass(torch.Tensor))
+        if self.direction == "label2photo":
+            return {"source": label, "target": photo, "index": index}
+        return {"source": photo, "target": label, "index": index}
+
+
+# --- The dataset check ----------------------------------------------------------------------
+
+def check_split(folder, layout="auto", label_side="auto"):
+    """Decode every image of a split; returns (report lines, problem lines)."""
+    report, problems = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pairs, layout, label_side = find_pairs(folder, layout, label_side)
+        except UserError as e:
+            return report, [str(e)]
+    problems += [str(w.message) for w in caught]
+    sizes = {}
+    for pair in pairs:
+        try:
+            label, _ = load_pair(pair)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        key = f"{label.shape[1]}x{label.shape[0]}"
+        sizes[key] = sizes.get(key, 0) + 1
+    side = f", label map on the {label_side} half" if label_side else ""
+    report.append(f"{folder}: {len(pairs)} pairs, layout {layout}{side}")
+    report.append("  label map sizes: " + ", ".join(f"{k} ({n})" for k, n in sizes.items()))
+    return report, problems
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check a pix2pix data folder.")
+    parser.add_argument("--check", required=True, metavar="DATA_DIR",
+                        help="data folder with train/ and val/ (or a single split folder)")
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS)
+    parser.add_argument("--label_side", default="auto", choices=LABEL_SIDES)
+    args = parser.parse_args(argv)
+    root = Path(args.check)
+    if not root.is_dir():
+        raise UserError(f"{root}: data folder not found")
+    splits = [root / s for s in ("train", "val") if (root / s).is_dir()] or [root]
+    all_problems = []
+    for split in splits:
+        report, problems = check_split(split, args.layout, args.label_side)
+        print("\n".join(report))
+        all_problems += problems
+    for problem in all_problems:
+        print(f"problem: {problem}")
+    print(f"{len(all_problems)} problem(s) found")
+    if all_problems:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,255 @@
+"""Translate a folder of label maps to photos with a trained generator (any image size).
+
+    python inference.py --input_dir ./test_inputs --output_dir ./outputs \\
+        --model_path ./checkpoints/generator.pth
+
+The checkpoint carries the run's configuration, so no architecture flags are needed.
+"""
+
+import argparse
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from dataset import IMAGE_SUFFIXES, PAIR_NAME, distinct_colors, read_rgb
+from models import ModelConfig, build_generator
+from utils import (UserError, atomic_write, choose_device, load_checkpoint, load_state,
+                   run_cli, to_uint8, to_unit_range)
+
+INPUT_LAYOUTS = ("auto", "labels", "side_by_side", "paired")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_generator(path, device="cpu"):
+    """(generator in eval mode, the checkpoint's configuration dict) from generator.pth or
+    latest.pth."""
+    checkpoint = load_checkpoint(path)
+    config = checkpoint.get("config")
+    try:
+        model_config = ModelConfig.from_dict(config["model"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise UserError(f"{path}: the checkpoint's configuration is unreadable ({e})") from None
+    generator = build_generator(model_config)
+    load_state(generator, checkpoint["generator"], path, "generator")
+    return generator.to(device).eval(), config
+
+
+class Translator:
+    """Owns pre- and post-processing: scale, pad, translate, crop, resize back.
+
+    By default the input is scaled (nearest neighbour for label maps) so its short side is the
+    training size, padded to a multiple of 2^depth, translated and the result resized to the
+    input's size. `native=True` skips the scaling (padding still applies).
+    """
+
+    def __init__(self, generator, config, device, native=False, paper_test_mode=False,
+                 precision="fp32", channels_last=False):
+        self.generator = generator
+        self.device = torch.device(device)
+        self.image_size = config["model"]["image_size"]
+        self.multiple = 2 ** ModelConfig.from_dict(config["model"]).depth
+        self.input_is_label = config.get("direction", "label2photo") == "label2photo"
+        self.native = native
+        self.paper_test_mode = paper_test_mode
+        self.precision = precision
+        self.channels_last = channels_last
+        if paper_test_mode:
+            # The paper's test mode: dropout on, batch statistics of each image itself.
+            generator.train()
+
+    def _resize(self, image, size, is_label):
+        if is_label:
+            return F.interpolate(image, size=size, mode="nearest-exact")
+        return F.interpolate(image, size=size, mode="bicubic", antialias=True,
+                             align_corners=False).clamp_(-1, 1)
+
+    def prepare(self, array):
+        """(H, W, 3) uint8 -> (1, 3, H', W') padded tensor and what is needed to undo it."""
+        image = to_unit_range(torch.from_numpy(array).permute(2, 0, 1)[None])
+        height, width = image.shape[-2:]
+        if not self.native:
+            scale = self.image_size / min(height, width)
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            image = self._resize(image, size, self.input_is_label)
+        h, w = image.shape[-2:]
+        pad_h, pad_w = -h % self.multiple, -w % self.multiple
+        # Replicate padding keeps label colours valid; the pad is cropped off afterwards.
+        image = F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
+        return image, (h, w, height, width)
+
+    @torch.no_grad()
+    def translate(self, arrays):
+        """A list of (H, W, 3) uint8 arrays -> a list of translated uint8 arrays, same sizes."""
+        prepared = [self.prepare(a) for a in arrays]
+        outputs = [None] * len(arrays)
+        groups = {}  # equal padded shapes run as one batch
+        for i, (image, _) in enumerate(prepared):
+            groups.setdefault(tuple(image.shape), []).append(i)
+        for indices in groups.values():
+            chunks = [[i] for i in indices] if self.paper_test_mode else [indices]
+            for chunk in chunks:
+                batch = torch.cat([prepared[i][0] for i in chunk]).to(self.device)
+                if self.channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                with self._autocast():
+                    fake = self.generator(batch).float()
+                for i, image in zip(chunk, fake):
+                    h, w, height, width = prepared[i][1]
+                    image = image[None, :, :h, :w]
+                    if (h, w) != (height, width):
+                        image = self._resize(image, (height, width), not self.input_is_label)
+                    outputs[i] = to_uint8(image[0]).permute(1, 2, 0).cpu().numpy()
+        return outputs
+
+    def _autocast(self):
+        if self.precision not in AUTOCAST_DTYPES:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+
+# --- Finding the inputs ---------------------------------------------------------------------
+
+def list_inputs(folder, layout="auto"):
+    """(files to translate, layout): in a paired folder only the *_input files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: input folder not found")
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            warnings.warn(f"{path}: not an image file, skipped", stacklevel=2)
+            continue
+        files.append(path)
+    if not files:
+        raise UserError(f"{folder}: no images found (expected .jpg or .png files)")
+    if layout == "auto":
+        layout = "paired" if any(PAIR_NAME.match(p.stem) for p in files) else "labels"
+    if layout == "paired":
+        files = [p for p in files if (m := PAIR_NAME.match(p.stem)) and m["role"] == "input"]
+    return files, layout
+
+
+def guess_side_by_side(files, sample=8):
+    """'left'/'right' if the files look like side-by-side pairs (one half with far more
+    colours than the other), else None: plain label maps have few colours everywhere."""
+    votes = {"left": 0, "right": 0, None: 0}
+    for path in files[:: max(1, len(files) // sample)][:sample]:
+        try:
+            array = read_rgb(path)
+        except UserError:
+            continue
+        half = array.shape[1] // 2
+        left, right = distinct_colors(array[:, :half]), distinct_colors(array[:, half:])
+        if max(left, right) >= 3 * min(left, right) and max(left, right) > 256:
+            votes["left" if left < right else "right"] += 1
+        else:
+            votes[None] += 1
+    return max(votes, key=votes.get)
+
+
+def input_half(array, label_side, input_is_label):
+    half = array.shape[1] // 2
+    label, photo = (array[:, :half], array[:, half:2 * half])
+    if label_side == "right":
+        label, photo = photo, label
+    return np.ascontiguousarray(label if input_is_label else photo)
+
+
+def output_paths(files, output_dir):
+    """One PNG per input, named after it (`1.jpg` -> `1.png`); clashing stems keep the
+    suffix (`a.jpg.png`)."""
+    stems = [p.stem for p in files]
+    return [Path(output_dir) / (f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.name}.png")
+            for p in files]
+
+
+# --- Command line ---------------------------------------------------------------------------
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--input_dir", required=True, help="folder of label maps")
+    parser.add_argument("--output_dir", required=True, help="where the PNGs go")
+    parser.add_argument("--model_path", default="./checkpoints/generator.pth",
+                        help="generator.pth, latest.pth or an epoch snapshot")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--native", action="store_true",
+                        help="translate at the input's own resolution (no scaling)")
+    parser.add_argument("--paper_test_mode", action="store_true",
+                        help="the paper's test mode: dropout on, per-image batch statistics")
+    parser.add_argument("--input_layout", default="auto", choices=INPUT_LAYOUTS,
+                        help="plain label maps, side-by-side pairs, or NAME_input files")
+    parser.add_argument("--label_side", default="auto", choices=("auto", "left", "right"),
+                        help="side-by-side inputs: which half is the label map")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the generator")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    device = choose_device(args.device)
+    if args.precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU; on the CPU use bf16")
+    files, layout = list_inputs(args.input_dir, args.input_layout)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"{output_dir}: exists and is not a folder (--output_dir)")
+    generator, config = load_generator(args.model_path, device)
+    if args.channels_last:
+        generator = generator.to(memory_format=torch.channels_last)
+    translator = Translator(torch.compile(generator) if args.compile else generator, config,
+                            device, args.native, args.paper_test_mode, args.precision,
+                            args.channels_last)
+    label_side = None
+    if layout == "side_by_side" or (args.input_layout == "auto" and layout == "labels"):
+        label_side = args.label_side if args.label_side != "auto" else guess_side_by_side(files)
+        if label_side is None and layout == "side_by_side":
+            label_side = "right"  # the public set's convention
+    if label_side:
+        print(f"{args.input_dir}: side-by-side pairs, label map on the {label_side} half")
+    role = "label map" if translator.input_is_label and label_side is None else "image"
+
+    failures = 0
+    targets = output_paths(files, output_dir)
+    bar = tqdm(total=len(files), desc="translating", unit="img")
+    for start in range(0, len(files), args.batch_size):
+        batch, names = [], []
+        for path, target in zip(files[start:start + args.batch_size],
+                                targets[start:start + args.batch_size]):
+            try:
+                array = read_rgb(path, role)
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+                failures += 1
+                continue
+            if label_side is not None:
+                array = input_half(array, label_side, translator.input_is_label)
+            batch.append(array)
+            names.append(target)
+        for array, target in zip(translator.translate(batch) if batch else [], names):
+            atomic_write(target, lambda f, a=array: Image.fromarray(a).save(f, format="PNG"))
+        bar.update(min(args.batch_size, len(files) - start))
+    bar.close()
+    written = len(files) - failures
+    print(f"wrote {written} image(s) to {output_dir}" +
+          (f"; {failures} could not be read" if failures else ""))
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,102 @@
+"""Feeding the training loop: the resumable, shardable sampler and the data loaders."""
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from dataset import PairDataset
+from utils import UserError
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) keys: one shuffled order per epoch from (seed, epoch), sharded over
+    processes by DistributedSampler, and able to start mid-epoch when resuming.
+
+    The epoch travels with each key so that augmentation draws depend on (seed, epoch, index)
+    only, whichever loader worker or process handles the sample.
+    """
+
+    def __init__(self, num_samples, batch_size, seed=0, shuffle=True, rank=0, world_size=1):
+        self.shards = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank,
+                                         shuffle=shuffle, seed=seed, drop_last=False)
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip_batches=0):
+        self.epoch = epoch
+        self.skip = skip_batches * self.batch_size
+        self.shards.set_epoch(epoch)
+
+    def __iter__(self):
+        indices = list(self.shards)[self.skip:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self):
+        return len(self.shards)
+
+
+def cache_fits(num_pairs, load_size):
+    """Whether decoded pairs fit comfortably in memory (a quarter of it, 8 GiB at most)."""
+    needed = num_pairs * 2 * 3 * load_size * load_size
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return needed <= min(total // 4, 8 << 30)
+
+
+def split_folder(config, split):
+    folder = Path(config.data_dir) / split
+    if not Path(config.data_dir).is_dir():
+        raise UserError(f"{config.data_dir}: data folder not found (--data_dir)")
+    return folder
+
+
+def build_train_loader(config, runtime):
+    folder = split_folder(config, "train")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not found; --data_dir must hold train/ and val/ folders")
+    dataset = PairDataset(folder, image_size=config.image_size, load_size=config.load_size,
+                          train=True, crop=config.crop, flip=config.flip,
+                          direction=config.direction, layout=config.layout,
+                          label_side=config.label_side, seed=config.seed)
+    cache = config.cache == "on" or (config.cache == "auto" and
+                                     cache_fits(len(dataset), config.load_size))
+    if cache:
+        dataset.fill_cache()
+    if runtime.is_main:
+        side = f", label map on the {dataset.label_side} half" if dataset.label_side else ""
+        print(f"{folder}: {len(dataset)} pairs, layout {dataset.layout}{side}"
+              f"{', cached in memory' if cache else ''}")
+    sampler = EpochSampler(len(dataset), config.batch_size, seed=config.seed,
+                           rank=runtime.rank, world_size=runtime.world_size)
+    workers = config.loader_workers()
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                        num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=runtime.device.type == "cuda")
+    return loader, sampler
+
+
+def build_val_dataset(config, runtime, train_dataset):
+    folder = split_folder(config, "val")
+    if not folder.is_dir():
+        warnings.warn(f"{folder}: not found; validating on the training pairs (no augmentation)",
+                      stacklevel=2)
+        folder = train_dataset.folder
+    # The label half was decided once, on the training set.
+    return PairDataset(folder, image_size=config.image_size, train=False,
+                       direction=config.direction, layout=train_dataset.layout,
+                       label_side=train_dataset.label_side or "auto")
+
+
+def fixed_batch(dataset, indices, runtime):
+    """A batch of chosen items (no augmentation keys), on the device."""
+    items = [dataset[i] for i in indices]
+    if not items:
+        raise UserError(f"{dataset.folder}: no pairs to validate on")
+    return {key: runtime.to_device(torch.stack([item[key] for item in items]))
+            for key in ("source", "target")}

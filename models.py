@@ -1,0 +1,196 @@
+"""The pix2pix networks: a U-Net generator and a PatchGAN discriminator.
+
+Both follow the reference pix2pix implementation layer for layer (same widths, kernels, norms,
+biases, dropout and init), but are written flat with readable names, so a state dict reads
+`encoder.down3.conv.weight` rather than `model.model.1.model.3...`.
+"""
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+
+
+def _batch_norm(channels):
+    return nn.BatchNorm2d(channels)
+
+
+def _instance_norm(channels):
+    # The reference uses non-affine instance norm without running statistics.
+    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+
+
+NORMS = {"batch": _batch_norm, "instance": _instance_norm}
+
+
+def norm_layer(norm):
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {sorted(NORMS)}")
+    return NORMS[norm]
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the networks; saved inside every checkpoint."""
+
+    in_channels: int = 3  # channels of the generator's input (the label map)
+    out_channels: int = 3  # channels of the generator's output (the photo)
+    image_size: int = 256  # training crop; sets the U-Net depth (256 -> 8, 128 -> 7)
+    generator_channels: int = 64  # width of the first generator layer
+    discriminator_channels: int = 64  # width of the first discriminator layer
+    discriminator_layers: int = 3  # 0: 1x1 PixelGAN, 1: 16x16, 3: 70x70, 5: 286x286
+    norm: str = "batch"  # "batch" (the paper) or "instance"
+    dropout: bool = True  # dropout 0.5 in the deep decoder blocks (the paper's noise)
+
+    def __post_init__(self):
+        norm_layer(self.norm)  # validates the name
+        size = self.image_size
+        if size < 4 or size & (size - 1):
+            raise ValueError(f"image_size must be a power of two >= 4, got {size}")
+        if self.discriminator_layers < 0:
+            raise ValueError("discriminator_layers must be >= 0")
+
+    @property
+    def depth(self):
+        """Number of stride-2 levels of the U-Net: the bottleneck is 1x1."""
+        return int(math.log2(self.image_size))
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def init_weights(module):
+    """Conv weights from N(0, 0.02) and zero biases; batch-norm scales from N(1, 0.02)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class UNetGenerator(nn.Module):
+    """U-Net: `depth` stride-2 down blocks, mirrored up blocks, skip connections by concatenation.
+
+    Level k (1..depth) has width base * min(2^(k-1), 8). `up{k}` mirrors `down{k}`: it takes the
+    output of `up{k+1}` concatenated with the output of `down{k}` (only `down{depth}` at the
+    bottom) and returns the resolution of `down{k}`'s input.
+    """
+
+    def __init__(self, in_channels=3, out_channels=3, base_channels=64, depth=8,
+                 norm="batch", dropout=True):
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"depth must be >= 2, got {depth}")
+        make_norm = norm_layer(norm)
+        # NOTE: like the reference, convolutions carry a bias only with instance norm
+        # (affine-free), also where no norm follows (outermost and innermost down convs).
+        bias = norm == "instance"
+        widths = [base_channels * min(2 ** k, 8) for k in range(depth)]
+        self.depth = depth
+
+        self.encoder = nn.ModuleDict()
+        for k in range(1, depth + 1):
+            layers = OrderedDict()
+            c_in = in_channels if k == 1 else widths[k - 2]
+            layers["conv"] = nn.Conv2d(c_in, widths[k - 1], 4, stride=2, padding=1, bias=bias)
+            if 1 < k < depth:
+                layers["norm"] = make_norm(widths[k - 1])
+            # NOTE: the reference applies this LeakyReLU in place at the start of the next
+            # block, so its skip connections carry the activated features; ending the block
+            # with it gives the same maths without relying on in-place mutation.
+            if k < depth:
+                layers["act"] = nn.LeakyReLU(0.2, inplace=True)
+            self.encoder[f"down{k}"] = nn.Sequential(layers)
+
+        self.decoder = nn.ModuleDict()
+        for k in range(depth, 0, -1):
+            layers = OrderedDict()
+            c_in = widths[k - 1] if k == depth else 2 * widths[k - 1]
+            layers["act"] = nn.ReLU(inplace=True)
+            if k == 1:
+                layers["conv"] = nn.ConvTranspose2d(c_in, out_channels, 4, stride=2, padding=1)
+                layers["tanh"] = nn.Tanh()
+            else:
+                layers["conv"] = nn.ConvTranspose2d(c_in, widths[k - 2], 4, stride=2,
+                                                    padding=1, bias=bias)
+                layers["norm"] = make_norm(widths[k - 2])
+                # The paper's only noise: dropout in the deep 8x-wide blocks above the
+                # bottleneck (levels 5..depth-1: three blocks at depth 8).
+                if dropout and 5 <= k < depth:
+                    layers["dropout"] = nn.Dropout(0.5)
+            self.decoder[f"up{k}"] = nn.Sequential(layers)
+        init_weights(self)
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H, W) in [-1, 1]
+        skips = []
+        for block in self.encoder.values():
+            x = block(x)
+            skips.append(x)
+        x = self.decoder[f"up{self.depth}"](skips.pop())
+        for k in range(self.depth - 1, 0, -1):
+            x = self.decoder[f"up{k}"](torch.cat([x, skips.pop()], dim=1))
+        return x
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: a grid of real/fake logits, each judging one receptive-field patch.
+
+    `num_layers` stride-2 blocks then a stride-1 block and a 1-channel head: 3 layers give the
+    paper's 70x70 patches (30x30 logits at 256x256), 1 gives 16x16, 5 gives 286x286; 0 gives the
+    1x1 PixelGAN. Input: label map and photo concatenated on channels.
+    """
+
+    def __init__(self, in_channels=6, base_channels=64, num_layers=3, norm="batch"):
+        super().__init__()
+        make_norm = norm_layer(norm)
+        bias = norm == "instance"
+        layers = OrderedDict()
+        if num_layers == 0:  # PixelGAN: 1x1 convolutions only
+            layers["conv1"] = nn.Conv2d(in_channels, base_channels, 1)
+            layers["act1"] = nn.LeakyReLU(0.2, inplace=True)
+            layers["conv2"] = nn.Conv2d(base_channels, 2 * base_channels, 1, bias=bias)
+            layers["norm2"] = make_norm(2 * base_channels)
+            layers["act2"] = nn.LeakyReLU(0.2, inplace=True)
+            layers["head"] = nn.Conv2d(2 * base_channels, 1, 1)
+        else:
+            c_out = base_channels
+            layers["conv1"] = nn.Conv2d(in_channels, c_out, 4, stride=2, padding=1)
+            layers["act1"] = nn.LeakyReLU(0.2, inplace=True)
+            for k in range(2, num_layers + 2):
+                c_in, c_out = c_out, base_channels * min(2 ** (k - 1), 8)
+                stride = 2 if k <= num_layers else 1  # the last block keeps the resolution
+                layers[f"conv{k}"] = nn.Conv2d(c_in, c_out, 4, stride=stride, padding=1,
+                                               bias=bias)
+                layers[f"norm{k}"] = make_norm(c_out)
+                layers[f"act{k}"] = nn.LeakyReLU(0.2, inplace=True)
+            layers["head"] = nn.Conv2d(c_out, 1, 4, stride=1, padding=1)
+        self.layers = nn.Sequential(layers)
+        init_weights(self)
+
+    def forward(self, label, photo):  # (B, C1, H, W), (B, C2, H, W) -> (B, 1, h, w) logits
+        return self.layers(torch.cat([label, photo], dim=1))
+
+
+def build_generator(config: ModelConfig) -> UNetGenerator:
+    return UNetGenerator(config.in_channels, config.out_channels, config.generator_channels,
+                         config.depth, config.norm, config.dropout)
+
+
+def build_discriminator(config: ModelConfig) -> PatchDiscriminator:
+    return PatchDiscriminator(config.in_channels + config.out_channels,
+                              config.discriminator_channels, config.discriminator_layers,
+                              config.norm)
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,209 @@
+"""Helpers shared by the scripts: user errors, atomic files, checkpoints, devices, image tensors."""
+
+import json
+import math
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+CHECKPOINT_FORMAT = "pix2pix-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, exit status 2, no traceback."""
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(error):
+    # A UserError re-raised from a DataLoader worker carries the worker's traceback as text;
+    # its last line is the original message.
+    text = str(error).strip().splitlines()
+    last = text[-1] if text else type(error).__name__
+    prefix = f"{UserError.__module__}.{UserError.__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
+# --- Atomic files ---------------------------------------------------------------------------
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write a file so that a crash at any moment leaves either the old file or the new one.
+
+    `write_fn(file)` writes the content into a temporary file in the same folder, which is
+    flushed, fsynced and renamed over `path`. On any error the temporary file is removed and the
+    previous `path` is untouched.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{path.parent}: cannot create the folder, a file is in the way") from None
+    except OSError as e:
+        raise UserError(f"{path.parent}: cannot create the folder ({e.strerror})") from None
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a file path")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: could not write ({e.strerror or e}); "
+                            "the previous file, if any, is kept") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder):
+    # Makes the rename itself durable; not every platform lets a folder be opened.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_json(obj, path):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, allow_nan=False)), mode="w")
+
+
+def save_checkpoint(checkpoint, path):
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+# --- Checkpoints ----------------------------------------------------------------------------
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a pix2pix checkpoint safely: tensors and plain containers only, never code."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused: the file holds pickled Python objects, which "
+                        "could run code; a pix2pix checkpoint holds only tensors and plain "
+                        "values") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        reason = "truncated or corrupt" if path.stat().st_size else "empty"
+        raise UserError(f"{path}: not a readable checkpoint ({reason}: "
+                        f"{one_line(e)[:120]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a pix2pix checkpoint of this project "
+                        "(no 'format' marker); was it written by another implementation?")
+    if checkpoint.get("version", 0) > CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint version {checkpoint['version']} is newer than "
+                        f"this code understands ({CHECKPOINT_VERSION})")
+    return checkpoint
+
+
+def load_state(module, state_dict, path, what):
+    """load_state_dict with a one-line message instead of a dump of mismatched keys."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UserError(f"{path}: the {what} weights do not fit the architecture in the "
+                        f"checkpoint's configuration ({detail[:160]})") from None
+
+
+# --- Devices and randomness -----------------------------------------------------------------
+
+def choose_device(name="auto"):
+    """`auto` picks CUDA, then Apple MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device; use auto, cpu, cuda, cuda:N "
+                        "or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: Apple MPS is not available on this machine")
+    return device
+
+
+def get_rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- Images ---------------------------------------------------------------------------------
+
+def to_unit_range(image_uint8):
+    """uint8 (..., 3, H, W) tensor -> float in [-1, 1]."""
+    return image_uint8.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(image):
+    """Float tensor in [-1, 1] -> uint8 tensor, rounding to nearest."""
+    return image.detach().float().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def save_png(image, path):
+    """Save a (3, H, W) tensor in [-1, 1] as a PNG, atomically."""
+    array = to_uint8(image).permute(1, 2, 0).cpu().numpy()
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
+def check_positive(name, value, allow_zero=False):
+    """Validate a numeric flag: finite and > 0 (or >= 0)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+        value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UserError(f"--{name} must be a finite number {bound}, got {value!r}")
+
+
+def psnr(prediction, target):
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), per image; capped at 100 dB."""
+    mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(4.0 / mse.clamp_min(4e-10))).clamp_max(100.0)
+
+
+def as_numpy_rgb(image):
+    return np.asarray(image.convert("RGB"))
