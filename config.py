@@ -132,8 +132,8 @@ def _check_number(name, value, minimum, integer=True):
     kind = int if integer else (int, float)
     ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < minimum:
-        bound = f">= {minimum}" if minimum == 0 or not integer else f">= {minimum}"
-        raise UserError(f"--{name} must be a finite number {bound}, got {value!r}")
+        kind_name = "an integer" if integer else "a finite number"
+        raise UserError(f"--{name} must be {kind_name} >= {minimum}, got {value!r}")
 
 
 # Settings that may change when resuming; the rest would change the run itself.

@@ -74,18 +74,6 @@ def read_rgb(path, role="image"):
     return np.array(image.convert("RGB"))
 
 
-def image_size(path):
-    """(width, height) from the header, without decoding; a clear error for non-images."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except UnidentifiedImageError:
-        what = "empty file (0 bytes)" if Path(path).stat().st_size == 0 else "not an image file"
-        raise UserError(f"{path}: {what}") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the image header ({one_line(e)})") from None
-
-
 def distinct_colors(array, bits=4):
     """Distinct colours after keeping `bits` bits per channel (JPEG noise is mostly below)."""
     q = (array >> (8 - bits)).astype(np.int32)
@@ -155,7 +143,10 @@ def detect_label_side(paths, sample=16):
     step = max(1, len(paths) // sample)
     votes = {"left": 0, "right": 0}
     for path in list(paths)[::step][:sample]:
-        array = read_rgb(path, "side-by-side pair")
+        try:
+            array = read_rgb(path, "side-by-side pair")
+        except UserError:
+            continue  # reported where the pair is loaded, so --check can list every problem
         half = array.shape[1] // 2
         left, right = distinct_colors(array[:, :half]), distinct_colors(array[:, half:])
         if max(left, right) >= 1.5 * min(left, right):

@@ -36,6 +36,8 @@ def load_generator(path, device="cpu"):
         model_config = ModelConfig.from_dict(config["model"])
     except (TypeError, KeyError, ValueError) as e:
         raise UserError(f"{path}: the checkpoint's configuration is unreadable ({e})") from None
+    if not isinstance(checkpoint.get("generator"), dict):
+        raise UserError(f"{path}: the checkpoint holds no generator weights")
     generator = build_generator(model_config)
     load_state(generator, checkpoint["generator"], path, "generator")
     return generator.to(device).eval(), config
@@ -72,7 +74,8 @@ class Translator:
 
     def prepare(self, array):
         """(H, W, 3) uint8 -> (1, 3, H', W') padded tensor and what is needed to undo it."""
-        image = to_unit_range(torch.from_numpy(array).permute(2, 0, 1)[None])
+        # A copy: the caller's array may be read-only (np.asarray of a PIL image).
+        image = to_unit_range(torch.tensor(array).permute(2, 0, 1)[None])
         height, width = image.shape[-2:]
         if not self.native:
             scale = self.image_size / min(height, width)
@@ -135,6 +138,8 @@ def list_inputs(folder, layout="auto"):
         layout = "paired" if any(PAIR_NAME.match(p.stem) for p in files) else "labels"
     if layout == "paired":
         files = [p for p in files if (m := PAIR_NAME.match(p.stem)) and m["role"] == "input"]
+        if not files:
+            raise UserError(f"{folder}: no NAME_input files to translate")
     return files, layout
 
 

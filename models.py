@@ -161,7 +161,7 @@ class PatchDiscriminator(nn.Module):
             layers["conv2"] = nn.Conv2d(base_channels, 2 * base_channels, 1, bias=bias)
             layers["norm2"] = make_norm(2 * base_channels)
             layers["act2"] = nn.LeakyReLU(0.2, inplace=True)
-            layers["head"] = nn.Conv2d(2 * base_channels, 1, 1)
+            layers["head"] = nn.Conv2d(2 * base_channels, 1, 1, bias=bias)  # as the reference
         else:
             c_out = base_channels
             layers["conv1"] = nn.Conv2d(in_channels, c_out, 4, stride=2, padding=1)

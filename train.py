@@ -20,7 +20,7 @@ from loader import build_train_loader, build_val_dataset, fixed_batch
 from models import build_discriminator, build_generator
 from training_state import (RunLog, load_resume_state, make_checkpoint, restore_training_state,
                             save_sample_grid, save_snapshot)
-from utils import psnr, run_cli, save_checkpoint
+from utils import UserError, make_folder, psnr, run_cli, save_checkpoint
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
 
@@ -101,6 +101,13 @@ def train(config: TrainConfig, resume_from=None):
 
 
 def _train(config, runtime, resume_from):
+    if runtime.is_main:  # fail now, not after the first hour of training
+        make_folder(config.checkpoint_dir, "checkpoint_dir")
+        make_folder(config.sample_dir, "sample_dir")
+        make_folder(Path(config.log_file).parent, "log_file")
+        if Path(config.log_file).is_dir():
+            raise UserError(f"{config.log_file}: is a folder (--log_file)")
+
     # Build the networks and optimisers (identical initial weights on every process).
     torch.manual_seed(config.seed)
     model_config = config.model_config()

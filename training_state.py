@@ -119,11 +119,11 @@ class RunLog:
             return
         try:
             old = json.loads(self.path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{self.path}: cannot continue this log ({e}); pass another "
-                            "--log_file") from None
-        self.document["steps"] = [e for e in old.get("steps", []) if e["step"] <= step]
-        self.document["epochs"] = [e for e in old.get("epochs", []) if e["step"] <= step]
+            self.document["steps"] = [e for e in old["steps"] if e["step"] <= step]
+            self.document["epochs"] = [e for e in old["epochs"] if e["step"] <= step]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.path}: cannot continue this log ({type(e).__name__}: {e}); "
+                            "pass another --log_file") from None
 
 
 @torch.no_grad()

@@ -1,15 +1,12 @@
 """Helpers shared by the scripts: user errors, atomic files, checkpoints, devices, image tensors."""
 
 import json
-import math
 import os
 import pickle
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -49,12 +46,7 @@ def atomic_write(path, write_fn, mode="wb"):
     previous `path` is untouched.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"{path.parent}: cannot create the folder, a file is in the way") from None
-    except OSError as e:
-        raise UserError(f"{path.parent}: cannot create the folder ({e.strerror})") from None
+    make_folder(path.parent)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a file path")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -74,6 +66,20 @@ def atomic_write(path, write_fn, mode="wb"):
                             "the previous file, if any, is kept") from None
         raise
     _fsync_dir(path.parent)
+
+
+def make_folder(folder, flag=None):
+    """mkdir -p with a one-line error naming the folder (and the flag that set it)."""
+    folder = Path(folder)
+    where = f" (--{flag})" if flag else ""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{folder}: cannot create the folder{where}, a file is in the "
+                        "way") from None
+    except OSError as e:
+        raise UserError(f"{folder}: cannot create the folder{where} ({e.strerror})") from None
+    return folder
 
 
 def _fsync_dir(folder):
@@ -109,14 +115,21 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{path}: is a folder, expected a checkpoint file")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: refused: the file holds pickled Python objects, which "
-                        "could run code; a pix2pix checkpoint holds only tensors and plain "
-                        "values") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        reason = "truncated or corrupt" if path.stat().st_size else "empty"
-        raise UserError(f"{path}: not a readable checkpoint ({reason}: "
-                        f"{one_line(e)[:120]})") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a well-formed pickle of Python objects
+            raise UserError(f"{path}: refused: the file holds pickled Python objects, which "
+                            "could run code; a pix2pix checkpoint holds only tensors and "
+                            "plain values") from None
+        raise UserError(f"{path}: not a readable checkpoint (not a PyTorch file, or "
+                        "corrupt)") from None
+    except Exception as e:  # noqa: BLE001 (other bytes fail in the unpickler in many ways)
+        if not path.stat().st_size:
+            reason = "empty file"
+        elif isinstance(e, (RuntimeError, OSError, ValueError)):
+            reason = f"truncated or corrupt: {one_line(e)[:120]}"
+        else:
+            reason = "not a PyTorch file, or corrupt"
+        raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a pix2pix checkpoint of this project "
                         "(no 'format' marker); was it written by another implementation?")
@@ -190,20 +203,8 @@ def save_png(image, path):
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
-def check_positive(name, value, allow_zero=False):
-    """Validate a numeric flag: finite and > 0 (or >= 0)."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
-        value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise UserError(f"--{name} must be a finite number {bound}, got {value!r}")
-
-
 def psnr(prediction, target):
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2), per image; capped at 100 dB."""
     mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(4.0 / mse.clamp_min(4e-10))).clamp_max(100.0)
 
-
-def as_numpy_rgb(image):
-    return np.asarray(image.convert("RGB"))

@@ -1,0 +1,190 @@
+"""Shared test helpers: tiny synthetic Cityscapes-like data sets, a tiny checkpoint, and running
+the scripts as subprocesses. Everything is written under pytest's tmp_path; nothing is
+downloaded."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cityscapes import COLORS
+
+REPO = Path(__file__).resolve().parent.parent  # where the scripts live (pytest.ini: pythonpath)
+
+# --- Synthetic images ---------------------------------------------------------------------
+
+
+def draw_label_map(height, width, rng):
+    """(H, W, 3) uint8: a street scene in Cityscapes colours (sky, facades, road, sidewalk, a
+    car, a pole), drawn with numpy so each region is a flat palette colour."""
+    label = np.empty((height, width, 3), np.uint8)
+    horizon = int(height * rng.uniform(0.35, 0.55))
+    label[:horizon] = COLORS["sky"]
+    label[horizon:] = COLORS["road"]
+    x = 0
+    while x < width:  # a skyline of facades and trees
+        w = int(rng.integers(max(2, width // 6), max(3, width // 3)))
+        top = int(rng.integers(0, max(1, horizon - 1)))
+        label[top:horizon, x:x + w] = COLORS[("building", "vegetation", "wall")[x % 3]]
+        x += w
+    label[horizon:horizon + max(1, (height - horizon) // 3), :width // 4] = COLORS["sidewalk"]
+    car_top, car_left = horizon + (height - horizon) // 3, int(rng.integers(width // 4, width // 2))
+    label[car_top:car_top + max(2, height // 6), car_left:car_left + max(3, width // 4)] = \
+        COLORS["car"]
+    pole = int(rng.integers(width // 2, width - 1))
+    label[horizon // 2:horizon + 2, pole:pole + max(1, width // 32)] = COLORS["pole"]
+    return label
+
+
+def draw_photo(label, rng):
+    """(H, W, 3) uint8: a textured 'photo' of a label map (shaded region colours plus noise),
+    with far more distinct colours than the label map, as in a real photo."""
+    height, width = label.shape[:2]
+    shade = np.linspace(0.7, 1.2, height)[:, None, None] * np.linspace(0.9, 1.1, width)[:, None]
+    photo = (label.astype(np.float64) * 0.6 + 50) * shade + rng.normal(0, 30, (height, width, 3))
+    return np.clip(np.round(photo), 0, 255).astype(np.uint8)
+
+
+def save_image(array, path, quality=90):
+    """Write an array as an image; JPEG-compressed when the suffix says so (like the real set)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        image.save(path, quality=quality)
+    else:
+        image.save(path)
+    return path
+
+
+def write_dataset(root, layout="side_by_side", splits=(("train", 4), ("val", 2)), size=32,
+                  label_side="right", suffix=".jpg", seed=0):
+    """A tiny data set under `root` with one folder per split.
+
+    side_by_side: `k.jpg` holds the photo and the label map side by side (label on
+    `label_side`, the public set has it on the right); paired: `k_input.jpg` (label map) and
+    `k_target.jpg` (photo). `size` is an int (square) or (height, width).
+    """
+    root = Path(root)
+    height, width = (size, size) if isinstance(size, int) else size
+    for split_number, (split, count) in enumerate(splits):
+        for k in range(1, count + 1):
+            rng = np.random.default_rng([seed, split_number, k])
+            label = draw_label_map(height, width, rng)
+            photo = draw_photo(label, rng)
+            if layout == "side_by_side":
+                halves = (photo, label) if label_side == "right" else (label, photo)
+                save_image(np.concatenate(halves, axis=1), root / split / f"{k}{suffix}")
+            elif layout == "paired":
+                save_image(label, root / split / f"{k}_input{suffix}")
+                save_image(photo, root / split / f"{k}_target{suffix}")
+            else:
+                raise ValueError(layout)
+    return root
+
+
+@pytest.fixture
+def make_dataset(tmp_path):
+    """make_dataset(name="data", **write_dataset options) -> the folder, under tmp_path."""
+    def make(name="data", **options):
+        return write_dataset(tmp_path / name, **options)
+    return make
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+# --- A tiny checkpoint --------------------------------------------------------------------
+
+TINY = {"generator_channels": 8, "discriminator_channels": 8}
+
+
+def write_checkpoint(path, image_size=32, latest=False, seed=0, **options):
+    """A real checkpoint of a tiny, untrained model: generator.pth style, or latest.pth style
+    (with the discriminator, optimisers, schedulers, scaler and log state) if `latest`."""
+    from config import TrainConfig
+    from models import build_discriminator, build_generator
+    from training_state import RunLog, make_checkpoint
+    from utils import save_checkpoint
+
+    torch.manual_seed(seed)
+    config = TrainConfig(image_size=image_size, **TINY, **options)
+    generator = build_generator(config.model_config())
+    state = {"step": 0, "epoch": 0, "batches_done": 0, "elapsed": 0.0}
+    if latest:
+        discriminator = build_discriminator(config.model_config())
+        optimizers = [torch.optim.Adam(m.parameters()) for m in (generator, discriminator)]
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda epoch: 1.0)
+                      for o in optimizers]
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        checkpoint = make_checkpoint(config, generator, state, discriminator, optimizers,
+                                     schedulers, scaler, RunLog(config, is_main=False))
+    else:
+        checkpoint = make_checkpoint(config, generator, state)
+    save_checkpoint(checkpoint, path)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(image_size=32, latest=False, **TrainConfig options) -> path; cached."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    made = {}
+
+    def make(image_size=32, latest=False, **options):
+        key = (image_size, latest, tuple(sorted(options.items())))
+        if key not in made:
+            made[key] = write_checkpoint(folder / f"ckpt_{len(made)}.pth", image_size, latest,
+                                         **options)
+        return made[key]
+    return make
+
+
+# --- Running the scripts ------------------------------------------------------------------
+
+def start_script(script, *args, cwd=None):
+    """Start `python SCRIPT ARGS...` (a repository script) without waiting for it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)],
+                            cwd=cwd or REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, timeout=180):
+    """Wait for a started script: a CompletedProcess with its exit status and output."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{process.args} did not finish in {timeout} s\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_script(script, *args, cwd=None, timeout=180):
+    return finish(start_script(script, *args, cwd=cwd), timeout)
+
+
+def run_scripts(commands, cwd=None, parallel=4):
+    """Run {key: (script, *args)} commands, a few side by side (start-up dominates their
+    cost); returns {key: CompletedProcess}."""
+    keys, results = list(commands), {}
+    for start in range(0, len(keys), parallel):
+        running = {k: start_script(*commands[k], cwd=cwd) for k in keys[start:start + parallel]}
+        results.update({k: finish(p) for k, p in running.items()})
+    return results
+
+
+def assert_clean_failure(result, *names):
+    """A user error: non-zero exit, each of `names` in stderr, and no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for name in names:
+        assert str(name) in result.stderr, f"{name!r} not in stderr:\n{result.stderr}"
