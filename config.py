@@ -117,6 +117,7 @@ class TrainConfig:
         # On a small machine extra workers compete with the model for the same cores.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
+        cores //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: share the node
         return 0 if cores <= 2 else min(8, cores // 2)
 
     def to_dict(self):
@@ -158,6 +159,9 @@ def build_parser(description):
                                     help=f"turn off: {f.metadata['help']}")
             else:
                 parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+                # The off switch too, e.g. to resume a --sync_batchnorm run on a CPU.
+                parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
+                                    help=argparse.SUPPRESS)
             continue
         kind = type(default)
         parser.add_argument(f"--{f.name}", type=_parse_as(kind), help=help_text,

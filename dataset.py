@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from cityscapes import LABELS, MAX_COLOR_DISTANCE
 from utils import UserError, one_line, run_cli, to_unit_range
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -262,8 +263,28 @@ class PairDataset(Dataset):
 
 # --- The dataset check ----------------------------------------------------------------------
 
+# `--check` warns when more of a split's label-map pixels than this are off the palette.
+OFF_PALETTE_WARNING = 0.5
+
+
+def off_palette_pixels(label, max_distance=MAX_COLOR_DISTANCE):
+    """How many pixels of an (H, W, 3) uint8 label map lie farther than `max_distance`
+    (Euclidean RGB) from every Cityscapes colour."""
+    codes = (label[..., 0].astype(np.int32) << 16) | (label[..., 1].astype(np.int32) << 8) \
+        | label[..., 2]
+    unique, counts = np.unique(codes, return_counts=True)  # distances per colour, not pixel
+    colors = np.stack([unique >> 16, (unique >> 8) & 255, unique & 255], axis=1)
+    palette = np.array([color for _, _, color in LABELS], dtype=np.int32)
+    nearest = ((colors[:, None, :] - palette[None, :, :]) ** 2).sum(axis=2).min(axis=1)
+    return int(counts[nearest > max_distance ** 2].sum())
+
+
 def check_split(folder, layout="auto", label_side="auto"):
-    """Decode every image of a split; returns (report lines, problem lines)."""
+    """Decode every image of a split; returns (report lines, problem lines).
+
+    Label maps in other colours than Cityscapes' train as well (pix2pix learns any colours),
+    so a split whose label maps are mostly off the palette gets a warning, not a problem.
+    """
     report, problems = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -273,6 +294,7 @@ def check_split(folder, layout="auto", label_side="auto"):
             return report, [str(e)]
     problems += [str(w.message) for w in caught]
     sizes = {}
+    off_palette = pixels = 0
     for pair in pairs:
         try:
             label, _ = load_pair(pair)
@@ -281,9 +303,18 @@ def check_split(folder, layout="auto", label_side="auto"):
             continue
         key = f"{label.shape[1]}x{label.shape[0]}"
         sizes[key] = sizes.get(key, 0) + 1
+        off_palette += off_palette_pixels(label)
+        pixels += label.shape[0] * label.shape[1]
     side = f", label map on the {label_side} half" if label_side else ""
     report.append(f"{folder}: {len(pairs)} pairs, layout {layout}{side}")
     report.append("  label map sizes: " + ", ".join(f"{k} ({n})" for k, n in sizes.items()))
+    share = off_palette / max(pixels, 1)
+    report.append(f"  label map pixels off the Cityscapes palette: {share:.1%}")
+    if share > OFF_PALETTE_WARNING:
+        report.append(f"warning: {folder}: {share:.0%} of the label-map pixels are farther than "
+                      f"{MAX_COLOR_DISTANCE:g} RGB from every Cityscapes colour; training works "
+                      "with any colours, but the Cityscapes evaluation decodes only those (is "
+                      "the label half right? see --label_side)")
     return report, problems
 
 

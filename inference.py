@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dataset import IMAGE_SUFFIXES, PAIR_NAME, distinct_colors, read_rgb
 from models import ModelConfig, build_generator
 from utils import (UserError, atomic_write, choose_device, load_checkpoint, load_state,
-                   run_cli, to_uint8, to_unit_range)
+                   make_folder, run_cli, to_uint8, to_unit_range)
 
 INPUT_LAYOUTS = ("auto", "labels", "side_by_side", "paired")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -214,6 +214,7 @@ def main(argv=None):
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a folder (--output_dir)")
     generator, config = load_generator(args.model_path, device)
+    make_folder(output_dir, "output_dir")  # fail before translating, not at the first write
     if args.channels_last:
         generator = generator.to(memory_format=torch.channels_last)
     translator = Translator(torch.compile(generator) if args.compile else generator, config,

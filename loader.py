@@ -12,31 +12,35 @@ from utils import UserError
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index) keys: one shuffled order per epoch from (seed, epoch), sharded over
-    processes by DistributedSampler, and able to start mid-epoch when resuming.
+    """Yields (epoch, index) keys: one shuffled order per epoch from (seed, epoch), dealt to the
+    processes round-robin by DistributedSampler, and able to start mid-epoch when resuming.
 
     The epoch travels with each key so that augmentation draws depend on (seed, epoch, index)
-    only, whichever loader worker or process handles the sample.
+    only, whichever loader worker or process handles the sample. Resuming skips the samples the
+    whole run already used this epoch, so it stays exact even with another number of processes.
     """
 
     def __init__(self, num_samples, batch_size, seed=0, shuffle=True, rank=0, world_size=1):
-        self.shards = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank,
-                                         shuffle=shuffle, seed=seed, drop_last=False)
-        self.batch_size = batch_size
+        self.order = DistributedSampler(range(num_samples), num_replicas=1, rank=0,
+                                        shuffle=shuffle, seed=seed)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.epoch = 0
-        self.skip = 0
+        self.indices = []
 
-    def set_epoch(self, epoch, skip_batches=0):
+    def set_epoch(self, epoch, skip_samples=0):
         self.epoch = epoch
-        self.skip = skip_batches * self.batch_size
-        self.shards.set_epoch(epoch)
+        self.order.set_epoch(epoch)
+        remaining = list(self.order)[skip_samples:]
+        # Rank r takes remaining[r::world_size] (padded to equal lengths, as DDP needs).
+        shard = DistributedSampler(remaining, num_replicas=self.world_size, rank=self.rank,
+                                   shuffle=False)
+        self.indices = [remaining[i] for i in shard]
 
     def __iter__(self):
-        indices = list(self.shards)[self.skip:]
-        return iter([(self.epoch, i) for i in indices])
+        return iter([(self.epoch, i) for i in self.indices])
 
     def __len__(self):
-        return len(self.shards)
+        return len(self.indices)
 
 
 def cache_fits(num_pairs, load_size):
@@ -84,8 +88,9 @@ def build_train_loader(config, runtime):
 def build_val_dataset(config, runtime, train_dataset):
     folder = split_folder(config, "val")
     if not folder.is_dir():
-        warnings.warn(f"{folder}: not found; validating on the training pairs (no augmentation)",
-                      stacklevel=2)
+        if runtime.is_main:  # once, not once per process
+            warnings.warn(f"{folder}: not found; validating on the training pairs (no "
+                          "augmentation)", stacklevel=2)
         folder = train_dataset.folder
     # The label half was decided once, on the training set.
     return PairDataset(folder, image_size=config.image_size, train=False,

@@ -55,41 +55,56 @@ def launched_by_torchrun():
 
 
 def setup(config):
-    """Pick the device, set precision flags, and join the process group under torchrun."""
-    rank = world_size = local_rank = None
-    if launched_by_torchrun():
+    """Pick the device, set precision flags, and join the process group under torchrun.
+
+    Flags are checked before joining, so that a mistake gives every process the same one-line
+    error instead of a process group left half-made.
+    """
+    distributed = launched_by_torchrun()
+    rank, world_size, local_rank = 0, 1, 0
+    if distributed:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = config.device in ("auto", "cuda") and torch.cuda.is_available()
-        if config.device not in ("auto", "cuda", "cpu"):
-            raise UserError(f"--device {config.device}: under torchrun use auto, cuda or cpu; "
-                            "each process takes the GPU of its LOCAL_RANK")
-        if config.device == "cuda" and not use_cuda:
-            raise UserError("--device cuda: CUDA is not available on this machine")
-        device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        device = torchrun_device(config.device, local_rank)
     else:
         device = choose_device(config.device)
     if config.precision in ("fp16", "tf32") and device.type != "cuda":
         raise UserError(f"--precision {config.precision} needs a CUDA GPU; on {device.type} "
                         "use fp32 or bf16")
-    if config.sync_batchnorm and (device.type != "cuda" or not launched_by_torchrun()):
-        raise UserError("--sync_batchnorm needs torchrun on CUDA GPUs: PyTorch's "
-                        "SyncBatchNorm does not run on the CPU")
+    if config.sync_batchnorm and device.type != "cuda":
+        raise UserError(f"--sync_batchnorm needs CUDA GPUs: PyTorch's SyncBatchNorm does not "
+                        f"run on the {device.type.upper()}; leave it off for per-process batch "
+                        "statistics")
+    if distributed:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         # Plain fp32 means fp32: cuDNN would otherwise use TF32 for convolutions by default.
         tf32 = config.precision == "tf32"
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels
-    runtime = Runtime(device=device, precision=config.precision,
-                      channels_last=config.channels_last, batch_size=config.batch_size,
-                      checkpoint_dir=Path(config.checkpoint_dir))
-    if rank is not None:
-        runtime.rank, runtime.world_size, runtime.local_rank = rank, world_size, local_rank
-    return runtime
+    return Runtime(device=device, precision=config.precision,
+                   channels_last=config.channels_last, batch_size=config.batch_size,
+                   checkpoint_dir=Path(config.checkpoint_dir), rank=rank,
+                   world_size=world_size, local_rank=local_rank)
+
+
+def torchrun_device(name, local_rank):
+    """Under torchrun each process takes the GPU of its LOCAL_RANK, or the CPU."""
+    if name not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device {name}: under torchrun use auto, cuda or cpu; each process "
+                        "takes the GPU of its LOCAL_RANK")
+    if name == "cpu" or not torch.cuda.is_available():
+        if name == "cuda":
+            raise UserError("--device cuda: CUDA is not available on this machine")
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserError(f"LOCAL_RANK {local_rank}: this machine has {count} CUDA GPU(s); "
+                        f"start at most --nproc_per_node={count} processes per node")
+    return torch.device(f"cuda:{local_rank}")
 
 
 def teardown(runtime):
@@ -98,8 +113,12 @@ def teardown(runtime):
 
 
 def prepare(module, config, runtime):
-    """Move to the device (and memory format); SyncBatchNorm before optimisers see the params."""
-    if config.sync_batchnorm:
+    """Move to the device (and memory format); SyncBatchNorm before optimisers see the params.
+
+    In a single process SyncBatchNorm would equal BatchNorm, so a run saved with
+    --sync_batchnorm resumes on one GPU unchanged (the state dicts are the same).
+    """
+    if config.sync_batchnorm and runtime.ddp:
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     module = module.to(runtime.device)
     if runtime.channels_last:

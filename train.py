@@ -121,7 +121,7 @@ def _train(config, runtime, resume_from):
         for opt in optimizers]
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
     log = RunLog(config, runtime.is_main)
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "elapsed": 0.0}
+    state = {"step": 0, "epoch": 0, "samples_done": 0, "elapsed": 0.0}
     if resume_from is not None:
         checkpoint, path = resume_from
         state = restore_training_state(checkpoint, path, generator, discriminator, optimizers,
@@ -136,7 +136,6 @@ def _train(config, runtime, resume_from):
     val_dataset = build_val_dataset(config, runtime, train_loader.dataset)
     sample_batch = fixed_batch(val_dataset, range(min(config.num_samples, len(val_dataset))),
                                runtime)
-    steps_per_epoch = len(train_loader)
     stop = rt.StopFlag(runtime)
     start_time = time.time() - state["elapsed"]
     last_val = {}
@@ -158,8 +157,10 @@ def _train(config, runtime, resume_from):
     with stop.installed():
         for epoch in range(state["epoch"], config.epochs):
             state["epoch"] = epoch
-            sampler.set_epoch(epoch, skip_batches=state["batches_done"])
-            bar = tqdm(train_loader, total=steps_per_epoch, initial=state["batches_done"],
+            sampler.set_epoch(epoch, skip_samples=state["samples_done"])
+            steps_left = len(train_loader)
+            batches_done = 0
+            bar = tqdm(train_loader, total=steps_left,
                        desc=f"epoch {epoch + 1}/{config.epochs}", disable=not runtime.is_main,
                        dynamic_ncols=True, leave=False)
             for batch in bar:
@@ -191,13 +192,14 @@ def _train(config, runtime, resume_from):
 
                 # Bookkeeping: log, samples, checkpoints, stop requests.
                 state["step"] += 1
-                state["batches_done"] += 1
+                batches_done += 1
+                state["samples_done"] += config.batch_size * runtime.world_size
                 step = state["step"]
                 losses = torch.stack([g_adv, g_l1, d_real, d_fake]).detach().tolist()
                 log.add_step(losses, step)
                 bar.set_postfix(G_adv=f"{losses[0]:.3f}", G_L1=f"{losses[1]:.3f}",
                                 D_real=f"{losses[2]:.3f}", D_fake=f"{losses[3]:.3f}")
-                end_of_epoch = state["batches_done"] == steps_per_epoch
+                end_of_epoch = batches_done == steps_left
                 if step % config.log_every_steps == 0 or end_of_epoch:
                     log.flush_steps(step, epoch, optimizers[0].param_groups[0]["lr"],
                                     time.time() - start_time, runtime)
@@ -211,7 +213,7 @@ def _train(config, runtime, resume_from):
                 if stopping:
                     break
             bar.close()
-            if state["batches_done"] < steps_per_epoch:  # stopped mid-epoch
+            if batches_done < steps_left:  # stopped mid-epoch
                 break
 
             # End of epoch: validation, LR schedule, samples, checkpoints.
@@ -224,7 +226,7 @@ def _train(config, runtime, resume_from):
                                f"val PSNR {last_val['val_psnr']:.2f} dB")
             for scheduler in schedulers:
                 scheduler.step()
-            state["epoch"], state["batches_done"] = epoch + 1, 0
+            state["epoch"], state["samples_done"] = epoch + 1, 0
             if not config.sample_every_steps:
                 write_samples()
             save_state()
@@ -235,7 +237,8 @@ def _train(config, runtime, resume_from):
                 break
 
     if stop.stopped and runtime.is_main:
-        print(f"interrupted at step {state['step']}; resume with: python train.py --resume "
+        launcher = "torchrun ... train.py" if runtime.ddp else "python train.py"
+        print(f"interrupted at step {state['step']}; resume with: {launcher} --resume "
               f"{runtime.checkpoint_dir / 'latest.pth'}", file=sys.stderr)
     return {"step": state["step"], "epoch": state["epoch"], "interrupted": stop.stopped,
             **last_val}

@@ -1,7 +1,8 @@
 """What a training run leaves on disk: checkpoints, the JSON loss log, sample grids.
 
 Checkpoint format (a plain dict; loads with torch.load(weights_only=True)):
-  format, version, config (TrainConfig as a dict, with "model"), step, epoch, batches_done,
+  format, version, config (TrainConfig as a dict, with "model"), step, epoch, samples_done (of this epoch,
+  over all processes),
   generator (state dict); latest.pth adds discriminator, both optimisers, both LR schedulers,
   the grad scaler, RNG states, the log's running sums and the elapsed seconds.
 """
@@ -15,8 +16,8 @@ from torchvision.utils import make_grid, save_image
 
 import runtime as rt
 from utils import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, atomic_write,
-                   get_rng_state, load_checkpoint, load_state, save_checkpoint, save_json,
-                   set_rng_state)
+                   get_rng_state, load_checkpoint, load_state, one_line, save_checkpoint,
+                   save_json, set_rng_state)
 
 LOSS_NAMES = ("g_adv", "g_l1", "d_real", "d_fake")
 
@@ -29,7 +30,7 @@ def make_checkpoint(config, generator, state, discriminator=None, optimizers=Non
         "config": config.to_dict(),
         "step": state["step"],
         "epoch": state["epoch"],
-        "batches_done": state["batches_done"],
+        "samples_done": state["samples_done"],
         "generator": generator.state_dict(),
     }
     if discriminator is not None:
@@ -44,11 +45,26 @@ def make_checkpoint(config, generator, state, discriminator=None, optimizers=Non
             log_running=log.running_state(),
             elapsed=state["elapsed"],
         )
+    for what in ("generator", "discriminator"):
+        if what in checkpoint:
+            _refuse_non_finite(checkpoint[what], what, state["step"])
     return checkpoint
+
+
+def _refuse_non_finite(state_dict, what, step):
+    """NaN or Inf weights are never written: the run stops and the last good checkpoint stays
+    (a finite loss can still be followed by an update that overflows)."""
+    tensors = [t for t in state_dict.values() if t.is_floating_point()]
+    if tensors and not torch.stack([t.isfinite().all() for t in tensors]).all():
+        raise UserError(f"step {step}: the {what} weights are not finite (NaN or Inf); stopped "
+                        "without saving, the last good checkpoint is kept (try a lower --lr "
+                        "or fp32)")
 
 
 def load_resume_state(path):
     checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint.get("config"), dict):
+        raise UserError(f"{path}: the checkpoint's configuration is missing or unreadable")
     if "discriminator" not in checkpoint:
         raise UserError(f"{path}: holds only the generator; resume from latest.pth, which "
                         "holds the full training state")
@@ -60,15 +76,19 @@ def restore_training_state(checkpoint, path, generator, discriminator, optimizer
     """Load everything a resumed run needs; returns the loop's counters."""
     load_state(generator, checkpoint["generator"], path, "generator")
     load_state(discriminator, checkpoint["discriminator"], path, "discriminator")
-    optimizers[0].load_state_dict(checkpoint["generator_optimizer"])
-    optimizers[1].load_state_dict(checkpoint["discriminator_optimizer"])
-    schedulers[0].load_state_dict(checkpoint["generator_scheduler"])
-    schedulers[1].load_state_dict(checkpoint["discriminator_scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"])
-    log.resume(checkpoint["step"], checkpoint["log_running"])
+    try:
+        optimizers[0].load_state_dict(checkpoint["generator_optimizer"])
+        optimizers[1].load_state_dict(checkpoint["discriminator_optimizer"])
+        schedulers[0].load_state_dict(checkpoint["generator_scheduler"])
+        schedulers[1].load_state_dict(checkpoint["discriminator_scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        log.resume(checkpoint["step"], checkpoint["log_running"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: the training state is incomplete or does not fit this run "
+                        f"({type(e).__name__}: {one_line(e)[:120]})") from None
     return {"step": checkpoint["step"], "epoch": checkpoint["epoch"],
-            "batches_done": checkpoint["batches_done"], "elapsed": checkpoint["elapsed"]}
+            "samples_done": checkpoint["samples_done"], "elapsed": checkpoint["elapsed"]}
 
 
 class RunLog:
@@ -101,6 +121,10 @@ class RunLog:
         self.save()
 
     def add_epoch(self, epoch, step, values, seconds):
+        if not all(math.isfinite(v) for v in values.values()):
+            raise UserError(f"epoch {epoch + 1} (step {step}): non-finite validation numbers "
+                            f"({values}); stopped, the last good checkpoint is kept (try a "
+                            "lower --lr or fp32)")
         self.document["epochs"].append({"epoch": epoch, "step": step, **values,
                                         "seconds": round(seconds, 3)})
         self.save()

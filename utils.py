@@ -1,8 +1,10 @@
 """Helpers shared by the scripts: user errors, atomic files, checkpoints, devices, image tensors."""
 
+import glob
 import json
 import os
 import pickle
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +27,9 @@ def run_cli(main, argv=None):
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside train.py's graceful stop: no traceback
+        print("interrupted; files written so far are complete", file=sys.stderr)
+        sys.exit(130)
 
 
 def one_line(error):
@@ -38,20 +43,25 @@ def one_line(error):
 
 # --- Atomic files ---------------------------------------------------------------------------
 
-def atomic_write(path, write_fn, mode="wb"):
+def atomic_write(path, write_fn, mode="wb", clean_leftovers=False):
     """Write a file so that a crash at any moment leaves either the old file or the new one.
 
-    `write_fn(file)` writes the content into a temporary file in the same folder, which is
-    flushed, fsynced and renamed over `path`. On any error the temporary file is removed and the
-    previous `path` is untouched.
+    `write_fn(file)` writes the content into a temporary file `.NAME.PID.XXXXXXXX.tmp` in the
+    same folder, which is flushed, fsynced and renamed over `path`. On an error the temporary
+    file is removed and the previous `path` is untouched; a full disk or any other OSError
+    becomes a UserError naming `path`. A process killed mid-save leaves its temporary file
+    behind, hidden and never read; with `clean_leftovers` (checkpoints, the log) a later save
+    of the same file deletes those of processes that are no longer running.
     """
     path = Path(path)
     make_folder(path.parent)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a file path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
+            _make_readable(tmp)
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -66,6 +76,49 @@ def atomic_write(path, write_fn, mode="wb"):
                             "the previous file, if any, is kept") from None
         raise
     _fsync_dir(path.parent)
+    if clean_leftovers:
+        remove_leftovers(path)
+
+
+def _make_readable(tmp):
+    """The permissions a plain open() would give (mkstemp's 0600 hides the file from others)."""
+    mask = os.umask(0o077)  # reading the umask means setting it; put back at once
+    os.umask(mask)
+    try:
+        os.chmod(tmp, 0o666 & ~mask)
+    except OSError:  # some file systems have no permissions to set
+        pass
+
+
+def remove_leftovers(path):
+    """Delete the temporary files of `path` left by processes killed mid-save; returns them.
+
+    A file whose process is still running (another save in progress) is kept.
+    """
+    path = Path(path)
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        return []
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[^.]+\.tmp")
+    removed = []
+    for tmp in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
+        match = pattern.fullmatch(tmp.name)
+        if match and not _process_exists(int(match[1])):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 def make_folder(folder, flag=None):
@@ -97,11 +150,12 @@ def _fsync_dir(folder):
 
 
 def save_json(obj, path):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, allow_nan=False)), mode="w")
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, allow_nan=False)), mode="w",
+                 clean_leftovers=True)
 
 
 def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    atomic_write(path, lambda f: torch.save(checkpoint, f), clean_leftovers=True)
 
 
 # --- Checkpoints ----------------------------------------------------------------------------
@@ -143,11 +197,28 @@ def load_state(module, state_dict, path, what):
     """load_state_dict with a one-line message instead of a dump of mismatched keys."""
     try:
         module.load_state_dict(state_dict)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
+    except (RuntimeError, TypeError, AttributeError, ValueError) as e:
         raise UserError(f"{path}: the {what} weights do not fit the architecture in the "
-                        f"checkpoint's configuration ({detail[:160]})") from None
+                        f"checkpoint's configuration ({_mismatch(module, state_dict, e)})"
+                        ) from None
+
+
+def _mismatch(module, state_dict, error):
+    """What differs between `state_dict` and `module`, in a few words."""
+    if not isinstance(state_dict, dict):
+        return f"a {type(state_dict).__name__} instead of a state dict"
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        return (f"{len(missing)} weights missing, {len(unexpected)} unexpected, e.g. "
+                f"{(missing or unexpected)[0]}; is it another model's state dict?")
+    for key, value in expected.items():
+        shape = list(getattr(state_dict[key], "shape", []))
+        if shape != list(value.shape):
+            return (f"{key} has shape {shape} in the file, {list(value.shape)} in the model; "
+                    "was it saved with other channel settings?")
+    return one_line(error)[:160]
 
 
 # --- Devices and randomness -----------------------------------------------------------------

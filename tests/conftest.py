@@ -117,7 +117,7 @@ def write_checkpoint(path, image_size=32, latest=False, seed=0, **options):
     torch.manual_seed(seed)
     config = TrainConfig(image_size=image_size, **TINY, **options)
     generator = build_generator(config.model_config())
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "elapsed": 0.0}
+    state = {"step": 0, "epoch": 0, "samples_done": 0, "elapsed": 0.0}
     if latest:
         discriminator = build_discriminator(config.model_config())
         optimizers = [torch.optim.Adam(m.parameters()) for m in (generator, discriminator)]

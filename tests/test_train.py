@@ -116,7 +116,7 @@ def test_checkpoints_round_trip_and_load_weights_only(tmp_path, demo_set):
         assert checkpoint["step"] == 2
     latest = load_checkpoint(folder / "latest.pth")
     assert {"discriminator", "generator_optimizer", "discriminator_optimizer", "rng",
-            "generator_scheduler", "scaler", "batches_done"} <= set(latest)
+            "generator_scheduler", "scaler", "samples_done"} <= set(latest)
     generator, saved_config = load_generator(folder / "generator.pth")
     for key, value in generator.state_dict().items():
         assert torch.equal(value, latest["generator"][key])
@@ -130,7 +130,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, demo_set):
     part = tiny_config(tmp_path / "part", demo_set, epochs=2, max_steps=5)  # mid epoch 2
     assert train.train(part)["step"] == 5
     latest = Path(part.checkpoint_dir) / "latest.pth"
-    assert load_checkpoint(latest)["batches_done"] == 1
+    assert load_checkpoint(latest)["samples_done"] == 2
     summary = train.main(["--resume", str(latest), "--max_steps", "0"])
     assert summary["step"] == 8
 

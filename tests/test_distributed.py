@@ -1,0 +1,293 @@
+"""DDP under torchrun: two CPU processes with Gloo on a tiny synthetic set.
+
+Each launch runs tests/ddp_worker.py, which is train.py's main plus a record of the weights
+every process trained from and ended with. A launch costs a few seconds, so each test makes
+one and checks several things on it.
+"""
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import runtime as rt
+import train
+from config import TrainConfig
+from demo_data import write_demo_dataset
+from inference import load_generator
+from loader import EpochSampler
+from models import build_discriminator, build_generator
+from utils import UserError, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "ddp_worker.py"
+TINY = dict(image_size=32, generator_channels=8, discriminator_channels=8, num_workers=0,
+            log_every_steps=1, sample_every_steps=0, checkpoint_every_steps=0)
+# Per sample, nothing random and nothing shared within a batch: the same global batch gives the
+# same gradients whether it is split over processes or not.
+DETERMINISTIC = dict(norm="instance", dropout=False, crop=False, flip=False)
+LAUNCH_SECONDS = 120
+
+
+@pytest.fixture(scope="module")
+def demo_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(root, num_train=8, num_val=2, size=32, seed=0)
+    return root
+
+
+def outputs(folder):
+    folder = Path(folder)
+    return dict(checkpoint_dir=str(folder / "checkpoints"), log_file=str(folder / "log.json"),
+                sample_dir=str(folder / "samples"))
+
+
+def as_flags(options):
+    flags = []
+    for name, value in options.items():
+        if value is True:
+            flags.append(f"--{name}")
+        elif value is False:
+            flags.append(f"--no_{name}")
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+@dataclass
+class Launch:
+    returncode: int
+    output: str  # stdout and stderr of torchrun and both processes
+    seconds: float
+    ranks: list  # what each process saved at its end (see tests/ddp_worker.py)
+
+
+def torchrun(out, flags, env=None, interrupt_once=None):
+    """Two processes of tests/ddp_worker.py writing into `out`; with `interrupt_once` (a path),
+    Ctrl-C is sent to torchrun as soon as that file exists."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(WORKER), str(out), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    output_file = out.parent / f"{out.name}.output.txt"  # a file: a full pipe would block
+    start = time.monotonic()
+    with open(output_file, "w") as output:
+        process = subprocess.Popen(command, cwd=out, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT)
+        try:
+            while interrupt_once and not Path(interrupt_once).exists() and \
+                    process.poll() is None and time.monotonic() - start < LAUNCH_SECONDS:
+                time.sleep(0.1)
+            if interrupt_once and process.poll() is None:
+                process.send_signal(signal.SIGINT)
+            process.wait(timeout=max(1.0, LAUNCH_SECONDS - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            process.terminate()  # torchrun stops its processes (SIGTERM, SIGKILL after 30 s)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            pytest.fail(f"torchrun did not finish in {LAUNCH_SECONDS} s (a hang?)\n"
+                        f"{output_file.read_text()[-3000:]}")
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True)
+             for r in range(2) if (out / f"rank{r}.pt").exists()]
+    return Launch(process.returncode, output_file.read_text(), time.monotonic() - start, ranks)
+
+
+def assert_succeeded(launch):
+    assert launch.returncode == 0, launch.output[-5000:]
+
+
+def parameters(record):
+    """(network.key, tensor) of both networks' parameters; the batch-norm running statistics,
+    which stay per process (only rank 0's are saved), are left out."""
+    for net in ("generator", "discriminator"):
+        for key, value in record[net].items():
+            if not ("running_" in key or "num_batches_tracked" in key):
+                yield f"{net}.{key}", value
+
+
+def assert_identical(a, b):
+    for (name, value), (_, other) in zip(parameters(a), parameters(b), strict=True):
+        assert torch.equal(value, other), (name, (value - other).abs().max().item())
+
+
+def assert_same_training(a, b, start, skip=()):
+    """`a` and `b` trained from `start` alike: they differ by at most 0.1% of how far `b` moved
+    (rounding alone, e.g. 1 vs 2 threads, gives about 0.004% here; Adam makes small rounding
+    differences of tiny gradients into visible ones, so bitwise equality is not expected)."""
+    moved = dict(parameters(start))
+    for (name, value), (_, other) in zip(parameters(a), parameters(b), strict=True):
+        if name not in skip:
+            distance = (value - other).norm() / (other - moved[name]).norm()
+            assert distance < 1e-3, (name, distance.item())
+
+
+def cancelled_biases(options):
+    """Convolution biases that the instance norm right after them subtracts again.
+
+    Their gradient is zero but for rounding, and Adam scales rounding noise up to full-size
+    steps, so their values are noise (which changes no output): not comparable across runs.
+    """
+    model_config = TrainConfig(**options).model_config()
+    names = set()
+    for net, module in (("generator", build_generator(model_config)),
+                        ("discriminator", build_discriminator(model_config))):
+        for block_name, block in module.named_modules():
+            if not isinstance(block, nn.Sequential):
+                continue
+            for (name, layer), (_, after) in itertools.pairwise(block.named_children()):
+                if isinstance(after, nn.InstanceNorm2d) and getattr(layer, "bias", None) \
+                        is not None:
+                    names.add(f"{net}.{block_name}.{name}.bias")
+    return names
+
+
+def read_log(path):
+    return json.loads(Path(path).read_text())
+
+
+# --- Without launching ----------------------------------------------------------------------
+
+def test_two_shards_of_batch_b_hold_the_single_process_batch_of_2b():
+    batch = 2
+    single = EpochSampler(8, 2 * batch, seed=3)
+    shards = [EpochSampler(8, batch, seed=3, rank=r, world_size=2) for r in range(2)]
+    for epoch in (0, 1):
+        for sampler in (single, *shards):
+            sampler.set_epoch(epoch)
+        order = [i for _, i in single]
+        rank_orders = [[i for _, i in shard] for shard in shards]
+        assert rank_orders == [order[0::2], order[1::2]]
+        for step in range(2):
+            split = {i for rank in rank_orders for i in rank[step * batch:(step + 1) * batch]}
+            assert split == set(order[step * 2 * batch:(step + 1) * 2 * batch])
+    assert {e for e, _ in shards[1]} == {1}  # the epoch travels with every key
+
+
+def test_sync_batchnorm_is_refused_on_the_cpu(monkeypatch):
+    config = TrainConfig(device="cpu", sync_batchnorm=True)
+    with pytest.raises(UserError, match="SyncBatchNorm does not run on the CPU"):
+        rt.setup(config)  # one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="SyncBatchNorm does not run on the CPU"):
+        rt.setup(config)  # under torchrun: refused before joining the process group
+    assert not torch.distributed.is_initialized()
+
+
+# --- Two processes --------------------------------------------------------------------------
+
+def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(tmp_path, demo_set):
+    options = dict(TINY, **DETERMINISTIC, data_dir=str(demo_set), epochs=2, lr=2e-3)
+    launch = torchrun(tmp_path / "ddp", as_flags(
+        dict(options, batch_size=2, **outputs(tmp_path / "ddp"))))
+    assert_succeeded(launch)
+    ranks = launch.ranks
+    single = TrainConfig(**options, batch_size=4, **outputs(tmp_path / "single"))
+    summary = train.train(single)
+
+    # The processes hold the same weights, and those of one process with twice the batch.
+    assert len(ranks) == 2
+    assert_identical(ranks[0], ranks[1])
+    assert ranks[0]["summary"]["step"] == summary["step"] == 4
+    reference = load_checkpoint(Path(single.checkpoint_dir) / "latest.pth")
+    skip = cancelled_biases(options)
+    assert len(skip) == 3 + 4 + 3  # down2-4 and up2-5 in the generator, conv2-4 in the D
+    assert_same_training(ranks[0], reference, ranks[0]["start"], skip)
+
+    # Rank 0 alone wrote one log, one set of checkpoints and the samples.
+    out = tmp_path / "ddp"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints", "log.json", "rank0.pt", "rank1.pt", "samples"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "generator.pth", "latest.pth"]
+    assert len(list((out / "samples").iterdir())) == 2  # one grid per epoch
+    saved = load_checkpoint(out / "checkpoints" / "latest.pth")
+    assert_identical(ranks[0], saved)
+    assert launch.output.count("8 pairs, layout") == 1  # printed by rank 0 only
+    assert launch.output.count("val L1") == 2  # once per epoch
+
+    # Logged losses and validation are means over both processes: those of the big batch.
+    ddp_log, single_log = read_log(out / "log.json"), read_log(single.log_file)
+    assert [e["step"] for e in ddp_log["steps"]] == [1, 2, 3, 4]
+    for a, b in zip(ddp_log["steps"], single_log["steps"]):
+        for name in ("g_adv", "g_l1", "d_real", "d_fake"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4), (a["step"], name)
+    for a, b in zip(ddp_log["epochs"], single_log["epochs"]):
+        assert a["val_l1"] == pytest.approx(b["val_l1"], rel=1e-4)
+
+
+def test_checkpoints_move_between_one_and_two_processes(tmp_path, demo_set):
+    """Batch norm, dropout and augmentation on: the processes still agree on every parameter."""
+    options = dict(TINY, data_dir=str(demo_set), batch_size=2)
+    first = TrainConfig(**options, epochs=1, **outputs(tmp_path / "one"))
+    assert train.train(first)["step"] == 4
+    single_latest = Path(first.checkpoint_dir) / "latest.pth"
+
+    # One process -> two: resume its latest.pth under torchrun, continuing its log.
+    two = tmp_path / "two"
+    two.mkdir()
+    shutil.copy(first.log_file, two / "log.json")
+    launch = torchrun(two, ["--resume", str(single_latest), "--epochs", "3",
+                            *as_flags(outputs(two))])
+    assert_succeeded(launch)
+    ranks = launch.ranks
+    checkpoint = load_checkpoint(single_latest)
+    assert len(ranks) == 2
+    for record in ranks:
+        assert record["summary"]["step"] == 4 + 2 * 2  # 2 epochs of 2 steps per process
+        for key, value in checkpoint["generator"].items():  # each trained from the checkpoint
+            assert torch.equal(record["start"]["generator"][key], value), key
+    assert_identical(ranks[0], ranks[1])
+    assert [e["step"] for e in read_log(two / "log.json")["steps"]] == list(range(1, 9))
+
+    # Two processes -> one: inference and resume.
+    two_latest = two / "checkpoints" / "latest.pth"
+    generator, saved_config = load_generator(two / "checkpoints" / "generator.pth")
+    for key, value in generator.state_dict().items():
+        assert torch.equal(value, ranks[0]["generator"][key]), key
+    assert saved_config["norm"] == "batch"
+    summary = train.main(["--resume", str(two_latest), "--epochs", "4",
+                          *as_flags(outputs(tmp_path / "back"))])
+    assert summary["step"] == 8 + 4 and summary["epoch"] == 4
+    assert load_checkpoint(tmp_path / "back" / "checkpoints" / "latest.pth")["step"] == 12
+
+
+def test_a_failing_process_ends_the_run_with_its_message(tmp_path, demo_set):
+    out = tmp_path / "fail"
+    flags = as_flags(dict(TINY, data_dir=str(demo_set), batch_size=2, epochs=5, **outputs(out)))
+    launch = torchrun(out, flags, env={"DDP_TEST_FAIL_RANK": "1", "DDP_TEST_FAIL_STEP": "3"})
+    assert launch.returncode != 0
+    assert "injected failure on rank 1 at step 3" in launch.output, launch.output[-5000:]
+    assert launch.seconds < 60, f"{launch.seconds:.0f} s: the other process was left waiting"
+    assert launch.ranks == []  # neither process got to the end
+    # The checkpoint of the last completed epoch is intact.
+    assert load_checkpoint(out / "checkpoints" / "latest.pth")["step"] == 2
+
+
+def test_ctrl_c_stops_both_processes_at_the_same_step_and_saves(tmp_path, demo_set):
+    out = tmp_path / "stop"
+    flags = as_flags(dict(TINY, data_dir=str(demo_set), batch_size=2, epochs=1000,
+                          **outputs(out)))
+    launch = torchrun(out, flags, interrupt_once=out / "log.json")  # after the first step
+    # torchrun itself exits non-zero on a signal; its processes end their step, save, return.
+    assert len(launch.ranks) == 2, launch.output[-5000:]
+    summaries = [record["summary"] for record in launch.ranks]
+    assert summaries[0] == summaries[1] and summaries[0]["interrupted"]
+    latest = load_checkpoint(out / "checkpoints" / "latest.pth")
+    assert latest["step"] == summaries[0]["step"] < 2000
+    assert_identical(launch.ranks[0], launch.ranks[1])
+    assert_identical(launch.ranks[0], latest)
+    assert launch.output.count("interrupted at step") == 1
