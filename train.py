@@ -83,6 +83,15 @@ def validate(generator, dataset, runtime):
     return {"val_l1": l1_sum / max(count, 1), "val_psnr": psnr_sum / max(count, 1)}
 
 
+def validation_fid(generator, dataset, runtime, cache):
+    """FID and KID of the generator's validation photos (rank 0; the Inception network and
+    the real photos' features stay in `cache` between epochs)."""
+    from evaluate import fid_of_generator
+    scores = fid_of_generator(generator, dataset, runtime.device, runtime.batch_size,
+                              cache=cache)
+    return {"val_fid": scores["fid"], "val_kid": scores["kid_mean"]}
+
+
 # --- The training loop ----------------------------------------------------------------------
 
 
@@ -137,6 +146,11 @@ def _train(config, runtime, resume_from):
     sample_batch = fixed_batch(val_dataset, range(min(config.num_samples, len(val_dataset))),
                                runtime)
     stop = rt.StopFlag(runtime)
+    # FID needs the Inception weights: fail at start, not after the first epoch.
+    fid_cache = {} if config.fid_every_epochs and runtime.is_main else None
+    if fid_cache is not None:
+        from metrics import inception_path
+        inception_path()
     start_time = time.time() - state["elapsed"]
     last_val = {}
 
@@ -219,11 +233,14 @@ def _train(config, runtime, resume_from):
             # End of epoch: validation, LR schedule, samples, checkpoints.
             if (epoch + 1) % config.val_every_epochs == 0 or epoch + 1 == config.epochs:
                 last_val = validate(generator, val_dataset, runtime)
+                if fid_cache is not None and (epoch + 1) % config.fid_every_epochs == 0:
+                    last_val.update(validation_fid(generator, val_dataset, runtime, fid_cache))
                 log.add_epoch(epoch, state["step"], last_val, time.time() - start_time)
                 if runtime.is_main:
+                    fid = f", FID {last_val['val_fid']:.2f}" if "val_fid" in last_val else ""
                     tqdm.write(f"epoch {epoch + 1}/{config.epochs}: step {state['step']}, "
                                f"val L1 {last_val['val_l1']:.4f}, "
-                               f"val PSNR {last_val['val_psnr']:.2f} dB")
+                               f"val PSNR {last_val['val_psnr']:.2f} dB{fid}")
             for scheduler in schedulers:
                 scheduler.step()
             state["epoch"], state["samples_done"] = epoch + 1, 0

