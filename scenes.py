@@ -123,9 +123,9 @@ def _random_street(rng):
 # ---------------------------------------------------------------- background: sky, ground, facades
 def _draw_sky(canvas, street, rng):
     t = np.clip(canvas.coords[:, None, None] / street.horizon, 0, 1) ** 1.5  # 1 at the horizon
-    sky = (rng.uniform([40, 85, 150], [80, 135, 205]) * (1 - t)
-           + rng.uniform([170, 190, 205], [215, 228, 240]) * t)
-    threshold = rng.uniform(-0.1, 0.8)  # high threshold: a clear day
+    sky = (rng.uniform([50, 95, 165], [65, 115, 190]) * (1 - t)
+           + rng.uniform([185, 200, 218], [205, 218, 235]) * t)
+    threshold = rng.uniform(0.2, 0.9)  # high threshold: a clear day
     cloud = np.clip((canvas.coarse - threshold) * 2.5, 0, 1)[..., None] * (1 - 0.5 * t)
     white = rng.uniform(215, 245) + 12 * canvas.fine[..., None]
     canvas.photo[:] = sky * (1 - cloud) + white * cloud
@@ -133,7 +133,7 @@ def _draw_sky(canvas, street, rng):
 
 def _asphalt(win, street, rng):
     depth = np.maximum(street.depth(win.y), 1e-3)
-    value = rng.uniform(75, 125) * (1.08 - 0.3 * depth) + 9 * win.fine  # darker toward the bottom
+    value = rng.uniform(92, 108) * (1.2 - 0.5 * depth) + 9 * win.fine  # darker toward the bottom
     centre = street.line_x(sum(street.road) / 2, win.y)
     dashes = (rng.uniform(0.6, 1.3) / depth + rng.random()) % 1 < 0.45  # ground distance ~ 1/depth
     line = np.abs(win.x - centre) < np.maximum(0.07 * street.metres(depth), 0.4 / len(win.fine))
@@ -147,7 +147,7 @@ def _tiles(win, street, rng):
     across = np.where(win.x < street.vanish_x, (road_l - win.x) / (road_l - walk_l + 1e-6),
                       (win.x - road_r) / (walk_r - road_r + 1e-6))  # 0 at the kerb
     grout = ((across * rng.integers(3, 8)) % 1 < 0.07) | ((rng.uniform(2, 5) / depth) % 1 < 0.08)
-    value = rng.uniform(130, 190) * (1 + 0.08 * win.coarse) + 6 * win.fine
+    value = rng.uniform(150, 172) * (1 + 0.08 * win.coarse) + 6 * win.fine
     value = np.where(grout, 0.75 * value, value) * np.where(across < 0.06, 1.15, 1.0)
     return value[..., None] * rng.uniform([0.95, 0.93, 0.88], [1.05, 1.02, 1.0])
 
@@ -156,7 +156,7 @@ def _foliage(win, rng, underside):
     """Leafy multi-scale texture; `underside` (h, w) in 0..1 darkens toward the bottom."""
     leaf = np.clip(0.55 + 0.9 * win.fine + 0.35 * win.coarse, 0, 1.3)
     shade = (0.45 + 0.7 * leaf) * (1 - 0.35 * underside)
-    return rng.uniform([35, 70, 15], [85, 125, 50]) * shade[..., None]
+    return rng.uniform([45, 85, 22], [65, 105, 38]) * shade[..., None]
 
 
 def _draw_ground(canvas, street, sides, rng):
@@ -164,7 +164,7 @@ def _draw_ground(canvas, street, sides, rng):
     walk_l, road_l, road_r, walk_r = street.edges(win.y)
     tiles = _tiles(win, street, rng)
     blotches = 1 + 0.15 * win.coarse + 0.12 * win.fine
-    grass = rng.uniform([90, 120, 45], [130, 160, 75]) * blotches[..., None]
+    grass = rng.uniform([100, 135, 55], [120, 150, 68]) * blotches[..., None]
     for side, beyond in enumerate(((win.x < walk_l), (win.x >= walk_r))):
         # Beside buildings the pavement goes on under them and shows in the gaps.
         name, rgb = ("terrain", grass) if sides[side] == "park" else ("sidewalk", tiles)
@@ -186,8 +186,8 @@ def _draw_building(canvas, street, side, x0, x1, light, rng):
     v = np.clip((win.y - top) / (bottom - top), 0, 1)  # 0 at the roof, 1 at the ground
     u = np.clip((win.x - x0) / (x1 - x0), 0, 0.999)
     floors, columns = rng.integers(3, 11), rng.integers(2, 9)
-    base = rng.uniform(90, 215) * FACADE_TINTS[rng.integers(len(FACADE_TINTS))] * light
-    facade = base * (1 - 0.35 * v)[..., None] + 7 * win.fine[..., None]
+    base = rng.uniform(125, 185) * FACADE_TINTS[rng.integers(len(FACADE_TINTS))] * light
+    facade = base * (1 - 0.45 * v)[..., None] + 7 * win.fine[..., None]
     # Windows sit on a grid fixed to the facade's edges; each pane has its own reflection.
     cell_u, cell_v = u * columns, v * floors
     panes = ((cell_u % 1 > 0.22) & (cell_u % 1 < 0.78) & (cell_v % 1 > 0.25) & (cell_v % 1 < 0.72)
@@ -383,7 +383,9 @@ def make_scene(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, n
                      _fractal_noise(rng, size, (32, 64, 128), 2.0), coords)
     street = _random_street(rng)
     sides = ["buildings" if rng.random() < 0.75 else "park" for _ in range(2)]
-    lights = rng.permutation([1.0, rng.uniform(0.65, 0.9)])  # one side of the street is in the sun
+    # The sun is always on the left: the right-hand facades are in shade. A lookup table
+    # cannot know which side a building is on; a network that sees the road can.
+    lights = (1.0, rng.uniform(0.6, 0.7))
     _draw_sky(canvas, street, rng)
     _draw_ground(canvas, street, sides, rng)
     for side in (0, 1):
@@ -396,7 +398,7 @@ def make_scene(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, n
 def _finish_photo(canvas, rng):
     """Global lighting gradient, white balance and sensor noise, then 8 bits."""
     y, x = canvas.coords[:, None], canvas.coords[None, :]
-    light = 1 + rng.uniform(-0.15, 0.15) * (x - 0.5) + rng.uniform(-0.15, 0.15) * (y - 0.5)
+    light = 1 + rng.uniform(-0.06, 0.06) * (x - 0.5) + rng.uniform(-0.06, 0.06) * (y - 0.5)
     tint = rng.uniform(0.96, 1.04, 3).astype(np.float32)
     noise = rng.standard_normal(canvas.photo.shape, dtype=np.float32) * rng.uniform(1.5, 4.0)
     return np.clip(np.rint(canvas.photo * light[..., None] * tint + noise), 0, 255).astype(np.uint8)
