@@ -61,6 +61,8 @@ class TrainConfig:
                             PRECISIONS)
     channels_last: bool = option(False, "channels-last memory format")
     compile: bool = option(False, "torch.compile both networks")
+    fused_adam: bool = option(False, "Adam's fused kernel (CPU, CUDA): the same update in one "
+                              "pass over the parameters")
     sync_batchnorm: bool = option(False, "torchrun on CUDA: batch statistics over all processes")
     # Outputs.
     checkpoint_dir: str = option("./checkpoints", "where generator.pth and latest.pth go")

@@ -7,9 +7,11 @@ The checkpoint carries the run's configuration, so no architecture flags are nee
 """
 
 import argparse
+import collections
 import contextlib
 import sys
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +179,49 @@ def output_paths(files, output_dir):
             for p in files]
 
 
+# --- Speed: a faster generator, and file work overlapped with it ------------------------------
+
+def optimize_generator(generator, channels_last=False, compile=False, freeze=True):
+    """Channels-last weights, and torch.compile; with `freeze` (eval mode only) the compiler
+    treats the weights as constants: batch norm is folded into the convolutions and weights
+    are packed once instead of at every call."""
+    if channels_last:
+        generator = generator.to(memory_format=torch.channels_last)
+    if compile:
+        if freeze:
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True
+        generator = torch.compile(generator)
+    return generator
+
+
+def run_in(pool, fn, *args):
+    """fn(*args) as a Future: in one of `pool`'s threads, or at once here if `pool` is None."""
+    if pool is not None:
+        return pool.submit(fn, *args)
+    future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as e:  # re-raised by future.result(), as from a thread
+        future.set_exception(e)
+    return future
+
+
+def ahead(pool, fn, items, depth):
+    """Futures of fn(item) for each item in order, started up to `depth` items ahead."""
+    started = collections.deque()
+    for item in items:
+        started.append(run_in(pool, fn, item))
+        if len(started) > depth:
+            yield started.popleft()
+    yield from started
+
+
+def write_png(path, array, compression=6):
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG",
+                                                             compress_level=compression))
+
+
 # --- Command line ---------------------------------------------------------------------------
 
 def parse(argv=None):
@@ -195,12 +240,24 @@ def parse(argv=None):
                         help="plain label maps, side-by-side pairs, or NAME_input files")
     parser.add_argument("--label_side", default="auto", choices=("auto", "left", "right"),
                         help="side-by-side inputs: which half is the label map")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    parser.add_argument("--channels_last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the generator")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="bf16 autocast (CPU, CUDA) or fp16 autocast (CUDA)")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="channels-last memory format")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the generator (start-up cost: pays off on large "
+                             "folders)")
+    parser.add_argument("--io_threads", type=int, default=2,
+                        help="threads decoding inputs and writing PNGs while the generator "
+                             "runs; 0: one after another")
+    parser.add_argument("--png_compression", type=int, default=6, choices=range(10),
+                        metavar="0-9", help="zlib level of the PNGs: 1 writes about twice as "
+                                            "fast, files ~10%% larger (pixels identical)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.io_threads < 0:
+        raise UserError(f"--io_threads must be >= 0, got {args.io_threads}")
     return args
 
 
@@ -215,11 +272,10 @@ def main(argv=None):
         raise UserError(f"{output_dir}: exists and is not a folder (--output_dir)")
     generator, config = load_generator(args.model_path, device)
     make_folder(output_dir, "output_dir")  # fail before translating, not at the first write
-    if args.channels_last:
-        generator = generator.to(memory_format=torch.channels_last)
-    translator = Translator(torch.compile(generator) if args.compile else generator, config,
-                            device, args.native, args.paper_test_mode, args.precision,
-                            args.channels_last)
+    generator = optimize_generator(generator, args.channels_last, args.compile,
+                                   freeze=not args.paper_test_mode)
+    translator = Translator(generator, config, device, args.native, args.paper_test_mode,
+                            args.precision, args.channels_last)
     label_side = None
     if layout == "side_by_side" or (args.input_layout == "auto" and layout == "labels"):
         label_side = args.label_side if args.label_side != "auto" else guess_side_by_side(files)
@@ -229,27 +285,37 @@ def main(argv=None):
         print(f"{args.input_dir}: side-by-side pairs, label map on the {label_side} half")
     role = "label map" if translator.input_is_label and label_side is None else "image"
 
+    def load(path):
+        array = read_rgb(path, role)
+        if label_side is not None:
+            array = input_half(array, label_side, translator.input_is_label)
+        return array
+
     failures = 0
     targets = output_paths(files, output_dir)
-    bar = tqdm(total=len(files), desc="translating", unit="img")
-    for start in range(0, len(files), args.batch_size):
-        batch, names = [], []
-        for path, target in zip(files[start:start + args.batch_size],
-                                targets[start:start + args.batch_size]):
-            try:
-                array = read_rgb(path, role)
-            except UserError as e:
-                print(f"error: {e}", file=sys.stderr)
-                failures += 1
-                continue
-            if label_side is not None:
-                array = input_half(array, label_side, translator.input_is_label)
-            batch.append(array)
-            names.append(target)
-        for array, target in zip(translator.translate(batch) if batch else [], names):
-            atomic_write(target, lambda f, a=array: Image.fromarray(a).save(f, format="PNG"))
-        bar.update(min(args.batch_size, len(files) - start))
-    bar.close()
+    window = 2 * args.batch_size  # images decoded ahead, and PNGs waiting to be written
+    # Decoding and writing run in threads while the generator runs (--io_threads).
+    threads = ThreadPoolExecutor(args.io_threads) if args.io_threads else contextlib.nullcontext()
+    # Closed on an error too, so that the error line does not land on the bar's line.
+    with threads as pool, tqdm(total=len(files), desc="translating", unit="img") as bar:
+        loads, writes = ahead(pool, load, files, window), collections.deque()
+        for start in range(0, len(files), args.batch_size):
+            batch, names = [], []
+            for target, loading in zip(targets[start:start + args.batch_size], loads):
+                try:
+                    batch.append(loading.result())
+                except UserError as e:
+                    tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, not the bar's
+                    failures += 1
+                    continue
+                names.append(target)
+            for array, target in zip(translator.translate(batch) if batch else [], names):
+                writes.append(run_in(pool, write_png, target, array, args.png_compression))
+            while len(writes) > window:
+                writes.popleft().result()  # a failed write stops the run here
+            bar.update(min(args.batch_size, len(files) - start))
+        for writing in writes:
+            writing.result()
     written = len(files) - failures
     print(f"wrote {written} image(s) to {output_dir}" +
           (f"; {failures} could not be read" if failures else ""))

@@ -93,9 +93,13 @@ def build_val_dataset(config, runtime, train_dataset):
                           "augmentation)", stacklevel=2)
         folder = train_dataset.folder
     # The label half was decided once, on the training set.
-    return PairDataset(folder, image_size=config.image_size, train=False,
-                       direction=config.direction, layout=train_dataset.layout,
-                       label_side=train_dataset.label_side or "auto")
+    dataset = PairDataset(folder, image_size=config.image_size, train=False,
+                          direction=config.direction, layout=train_dataset.layout,
+                          label_side=train_dataset.label_side or "auto")
+    # Validation sees the same pairs every epoch: decode them once, like the training set.
+    if train_dataset.cache is not None and cache_fits(len(dataset), config.image_size):
+        dataset.fill_cache()
+    return dataset
 
 
 def fixed_batch(dataset, indices, runtime):

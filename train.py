@@ -6,6 +6,7 @@
     torchrun --nproc_per_node=4 train.py ...    # one process per GPU (DDP)
 """
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -122,9 +123,8 @@ def _train(config, runtime, resume_from):
     model_config = config.model_config()
     generator = rt.prepare(build_generator(model_config), config, runtime)
     discriminator = rt.prepare(build_discriminator(model_config), config, runtime)
-    betas = (config.beta1, config.beta2)
-    optimizers = (torch.optim.Adam(generator.parameters(), lr=config.lr, betas=betas),
-                  torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=betas))
+    optimizers = (rt.build_adam(generator, config, runtime),
+                  rt.build_adam(discriminator, config, runtime))
     schedulers = [torch.optim.lr_scheduler.LambdaLR(
         opt, lambda epoch: lr_factor(epoch, config.epochs, config.decay_epochs))
         for opt in optimizers]
@@ -289,4 +289,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    summary = run_cli(main)
+    if isinstance(summary, dict) and summary.get("interrupted"):
+        # Saved and resumable, but not finished: exit as a signal would (130 after Ctrl-C, 143
+        # after SIGTERM), so that `train.py && ...` and job schedulers do not take it as done.
+        sys.exit(128 + (rt.StopFlag.signal_number or signal.SIGINT))

@@ -121,10 +121,11 @@ class RunLog:
         self.save()
 
     def add_epoch(self, epoch, step, values, seconds):
-        if not all(math.isfinite(v) for v in values.values()):
-            raise UserError(f"epoch {epoch + 1} (step {step}): non-finite validation numbers "
-                            f"({values}); stopped, the last good checkpoint is kept (try a "
-                            "lower --lr or fp32)")
+        bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise UserError(f"epoch {epoch + 1} (step {step}): non-finite {', '.join(bad)}; "
+                            "stopped, the last good checkpoint is kept (try a lower --lr or "
+                            "fp32)")
         self.document["epochs"].append({"epoch": epoch, "step": step, **values,
                                         "seconds": round(seconds, 3)})
         self.save()

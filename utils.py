@@ -1,5 +1,6 @@
 """Helpers shared by the scripts: user errors, atomic files, checkpoints, devices, image tensors."""
 
+import functools
 import glob
 import json
 import os
@@ -7,6 +8,7 @@ import pickle
 import re
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -71,26 +73,50 @@ def atomic_write(path, write_fn, mode="wb", clean_leftovers=False):
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError):
-            raise UserError(f"{path}: could not write ({e.strerror or e}); "
+        cause = _first_cause(e)
+        if isinstance(cause, OSError):
+            raise UserError(f"{path}: could not write ({cause.strerror or cause}); "
                             "the previous file, if any, is kept") from None
+        if cause is not e:
+            raise cause from None
         raise
     _fsync_dir(path.parent)
     if clean_leftovers:
-        remove_leftovers(path)
+        _remove_leftovers(path)
+
+
+def _first_cause(error):
+    """The OSError or KeyboardInterrupt behind `error`, else `error` itself: torch.save
+    reports a failed write (a full disk) or an interrupt as a RuntimeError of its own, raised
+    while closing the archive, with the original as its context."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) or not isinstance(seen, Exception):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error
 
 
 def _make_readable(tmp):
     """The permissions a plain open() would give (mkstemp's 0600 hides the file from others)."""
-    mask = os.umask(0o077)  # reading the umask means setting it; put back at once
-    os.umask(mask)
     try:
-        os.chmod(tmp, 0o666 & ~mask)
+        os.chmod(tmp, 0o666 & ~_umask())
     except OSError:  # some file systems have no permissions to set
         pass
 
 
-def remove_leftovers(path):
+_UMASK_LOCK = threading.Lock()
+
+
+@functools.cache
+def _umask():
+    with _UMASK_LOCK:  # inference writes from threads: none may read the stand-in value
+        mask = os.umask(0o077)  # reading the umask means setting it; put back at once
+        os.umask(mask)
+    return mask
+
+
+def _remove_leftovers(path):
     """Delete the temporary files of `path` left by processes killed mid-save; returns them.
 
     A file whose process is still running (another save in progress) is kept.

@@ -1,0 +1,628 @@
+"""Crash safety: checkpoints and the log are written atomically (faults injected at named points
+of a save, real SIGKILLs of a training process), SIGINT/SIGTERM stop with a resumable
+checkpoint, a resume at any step reproduces the uninterrupted run, NaN never reaches a
+checkpoint, and a checkpoint never runs code."""
+
+import contextlib
+import errno
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import finish, start_script
+from PIL import Image
+
+import inference
+import train
+import utils
+from config import TrainConfig
+from demo_data import write_demo_dataset
+from training_state import RunLog
+from utils import UserError, load_checkpoint, run_cli, save_checkpoint, save_json
+
+TINY = {"image_size": 32, "generator_channels": 8, "discriminator_channels": 8,
+        "batch_size": 2, "num_workers": 0, "log_every_steps": 1, "sample_every_steps": 0,
+        "checkpoint_every_steps": 0}
+STEPS_PER_EPOCH = 4  # 8 training pairs, batch size 2
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp")  # utils.atomic_write's
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a busy 2-core machine: a second thread mostly waits (10x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def demo_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(root, num_train=8, num_val=2, size=32, seed=0)
+    return root
+
+
+def tiny_config(folder, data_dir, **overrides):
+    folder = Path(folder)
+    return TrainConfig(**{**TINY, "data_dir": str(data_dir),
+                          "checkpoint_dir": str(folder / "checkpoints"),
+                          "log_file": str(folder / "log.json"),
+                          "sample_dir": str(folder / "samples"), **overrides})
+
+
+def cli_flags(config):
+    """The command-line flags of a TrainConfig, for train.py as a subprocess."""
+    flags = []
+    for name, value in config.to_dict().items():
+        if name == "model":
+            continue
+        if isinstance(value, bool):
+            if value != getattr(TrainConfig, name):
+                flags.append(f"--no_{name}" if not value else f"--{name}")
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def run_in_process(main, argv, capsys):
+    """(exit status, stderr) of a script's main under run_cli, as from the shell."""
+    capsys.readouterr()
+    try:
+        run_cli(main, [str(a) for a in argv])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def logged_steps(log_file):
+    return [entry["step"] for entry in json.loads(Path(log_file).read_text())["steps"]]
+
+
+def temp_files(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp"))
+
+
+# --- Faults injected at named points of a save ----------------------------------------------
+
+
+class Crash(BaseException):
+    """A simulated crash: not an Exception, so nothing on the way mistakes it for an error."""
+
+
+class FailingFile:
+    """The temporary file, failing with `error` once `limit` bytes (or characters) have been
+    written; the bytes up to the limit do reach the file, as when a process dies mid-write."""
+
+    def __init__(self, file, limit, error, at_failure):
+        self.file, self.limit, self.error, self.at_failure = file, limit, error, at_failure
+        self.written = 0
+
+    def write(self, data):
+        room = self.limit - self.written
+        if len(data) > room:
+            self.file.write(data[:room])
+            self.file.flush()
+            self.at_failure()
+            raise self.error
+        self.written += len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.file.__exit__(*exc_info)
+
+
+class PatchedOs:
+    """What utils sees as `os` during a test: the real module, some functions replaced."""
+
+    def __init__(self, **replaced):
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+def inject_fault(monkeypatch, point, error, at_failure):
+    """Make the next atomic_write fail at a named point; `at_failure()` runs at that moment."""
+    def fail(*args, **kwargs):
+        at_failure()
+        raise error
+
+    if point in ("mid-write", "full disk"):
+        def fdopen(fd, mode):
+            return FailingFile(os.fdopen(fd, mode), 100, error, at_failure)
+        monkeypatch.setattr(utils, "os", PatchedOs(fdopen=fdopen))
+    elif point == "before fsync":
+        monkeypatch.setattr(utils, "os", PatchedOs(fsync=fail))
+    elif point == "before rename":
+        monkeypatch.setattr(utils, "os", PatchedOs(replace=fail))
+    else:
+        raise ValueError(point)
+
+
+def checkpoint_file(folder, tiny_checkpoint):
+    """(path, save the next version, load) for latest.pth."""
+    path = Path(folder) / "latest.pth"
+    good = torch.load(tiny_checkpoint(latest=True), weights_only=True)
+    save_checkpoint(good, path)
+    return path, lambda: save_checkpoint({**good, "step": 7}, path), load_checkpoint
+
+
+def log_file(folder, tiny_checkpoint):
+    """(path, save the next version, load) for the JSON log."""
+    path = Path(folder) / "log.json"
+    steps = [{"step": k, "g_l1": 0.5} for k in range(1, 40)]
+    save_json({"format": "pix2pix-log", "steps": steps}, path)
+    return (path, lambda: save_json({"format": "pix2pix-log", "steps": steps * 2}, path),
+            lambda p: json.loads(Path(p).read_text()))
+
+
+FAULTS = {"mid-write": Crash(), "before fsync": Crash(), "before rename": Crash(),
+          "full disk": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))}
+
+
+@pytest.mark.parametrize("make_file", [checkpoint_file, log_file], ids=["checkpoint", "log"])
+@pytest.mark.parametrize("point", list(FAULTS))
+def test_a_failed_save_leaves_the_previous_file(tmp_path, tiny_checkpoint, monkeypatch,
+                                                point, make_file):
+    path, save_next, load = make_file(tmp_path, tiny_checkpoint)
+    before = path.read_bytes()
+    at_crash = {}
+
+    def at_failure():  # what a crash at this very moment would leave on disk
+        at_crash["final"] = path.read_bytes()
+        at_crash["temps"] = temp_files(tmp_path)
+
+    inject_fault(monkeypatch, point, FAULTS[point], at_failure)
+    expected = UserError if isinstance(FAULTS[point], OSError) else Crash
+    with pytest.raises(expected) as error:
+        save_next()
+    assert at_crash["final"] == before
+    [temp] = at_crash["temps"]  # hidden, named after the file and the writing process
+    assert TEMP_NAME.fullmatch(temp)["name"] == path.name
+    assert TEMP_NAME.fullmatch(temp)["pid"] == str(os.getpid())
+    if expected is UserError:
+        message = str(error.value)
+        assert str(path) in message and "No space left on device" in message
+        assert "previous file" in message and "\n" not in message
+    # Afterwards: the previous file, intact and loadable; the temporary file removed.
+    assert path.read_bytes() == before
+    load(path)
+    assert temp_files(tmp_path) == []
+    # The next save, without the fault, goes through.
+    monkeypatch.undo()
+    save_next()
+    assert path.read_bytes() != before
+    load(path)
+
+
+def test_the_data_is_durable_before_the_rename(tmp_path, monkeypatch):
+    events = []
+
+    class Recording(FailingFile):
+        def write(self, data):
+            events.append("write")
+            return self.file.write(data)
+
+        def flush(self):
+            events.append("flush")
+            return self.file.flush()
+
+    def fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        return os.fsync(fd)
+
+    def replace(source, target):
+        events.append("rename")
+        return os.replace(source, target)
+
+    monkeypatch.setattr(utils, "os", PatchedOs(
+        fdopen=lambda fd, mode: Recording(os.fdopen(fd, mode), 0, None, None),
+        fsync=fsync, replace=replace))
+    save_json({"steps": []}, tmp_path / "log.json")
+    assert events[-4:] == ["flush", "fsync file", "rename", "fsync folder"]
+    assert set(events[:-4]) == {"write"}
+
+
+def test_files_get_the_permissions_of_a_plain_open(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    save_json({"steps": []}, tmp_path / "log.json")
+    # Not mkstemp's 0600: a checkpoint is often shared with other users.
+    assert stat.S_IMODE((tmp_path / "log.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_leftovers_of_killed_saves_are_removed_at_the_next_save(tmp_path, tiny_checkpoint):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {"dead": f".latest.pth.{dead.pid}.a1b2c3d4.tmp",  # killed mid-save
+             "alive": f".latest.pth.{os.getpid()}.zz99yy88.tmp",  # a save in progress
+             "other file": f".generator.pth.{dead.pid}.a1b2c3d4.tmp",
+             "not ours": ".latest.pth.notes.tmp"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    save_checkpoint(torch.load(tiny_checkpoint(), weights_only=True), tmp_path / "latest.pth")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert names["dead"] not in left
+    assert {names["alive"], names["other file"], names["not ours"], "latest.pth"} == set(left)
+
+
+# --- Real SIGKILLs of a training process ----------------------------------------------------
+
+
+def wait_for(condition, process, timeout=60.0, interval=0.002):
+    """Poll `condition()` until true; False if the process ended or time ran out first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        if process.poll() is not None:
+            pytest.fail(f"train.py ended early ({process.returncode}):\n"
+                        f"{finish(process).stderr[-3000:]}")
+        time.sleep(interval)
+    return False
+
+
+@contextlib.contextmanager
+def ended(*processes):
+    """Kill the processes if the test fails before they end: none trains on in the background."""
+    try:
+        yield
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+def mtime(path):
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def assert_all_files_load(out):
+    """Every file at its final name loads; besides those, only hidden temporary files."""
+    checkpoints = out / "checkpoints"
+    latest = load_checkpoint(checkpoints / "latest.pth")
+    if (checkpoints / "generator.pth").exists():
+        inference.load_generator(checkpoints / "generator.pth")
+    steps = logged_steps(out / "log.json")
+    assert steps == list(range(1, len(steps) + 1))  # no gaps, no repeats
+    for sample in (out / "samples").glob("*.png") if (out / "samples").exists() else []:
+        Image.open(sample).verify()
+    for folder in (checkpoints, out, out / "samples"):
+        for path in folder.iterdir() if folder.exists() else []:
+            assert path.is_dir() or path.suffix in (".pth", ".json", ".png") or \
+                TEMP_NAME.fullmatch(path.name), path
+    return latest["step"]
+
+
+def test_sigkill_at_any_moment_leaves_loadable_files(tmp_path, demo_set):
+    out = tmp_path / "run"
+    config = tiny_config(out, demo_set, epochs=100, checkpoint_every_steps=1)
+    checkpoints = out / "checkpoints"
+
+    def saving(path):  # the running process is writing `path` (its temporary file exists)
+        def condition():
+            names = [TEMP_NAME.fullmatch(name) for name in temp_files(path.parent)]
+            return any(m and m["name"] == path.name and m["pid"] == str(process.pid)
+                       for m in names)
+        return condition
+
+    def later():
+        time.sleep(0.2)
+        return True
+
+    moments = {"while latest.pth is written": saving(checkpoints / "latest.pth"),
+               "while the log is written": saving(out / "log.json"),
+               "between saves": later}
+    command = cli_flags(config)
+    last_save, kills = None, []
+    for moment, condition in moments.items():
+        process = start_script("train.py", *command, cwd=tmp_path)
+        with ended(process):
+            # Wait for a new latest.pth from this process, then for the moment, then kill -9.
+            assert wait_for(lambda seen=last_save: mtime(checkpoints / "latest.pth") not in (
+                None, seen), process)
+            caught = wait_for(condition, process, timeout=10.0)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        assert process.returncode == -signal.SIGKILL
+        step = assert_all_files_load(out)
+        kills.append((moment, step, caught, temp_files(checkpoints) + temp_files(out)))
+        last_save = mtime(checkpoints / "latest.pth")
+        command = ["--resume", checkpoints / "latest.pth"]
+
+    # Resuming after the last kill continues one log and removes the killed saves' leftovers.
+    step = kills[-1][1]
+    summary = train.main(["--resume", str(checkpoints / "latest.pth"), "--max_steps",
+                          str(step + 2)])
+    assert summary["step"] == step + 2
+    assert logged_steps(out / "log.json") == list(range(1, step + 3)), kills
+    assert temp_files(checkpoints) == [] and temp_files(out) == [], kills
+    assert kills[0][1] < kills[1][1] < kills[2][1], kills  # each resumed run made progress
+
+
+# --- SIGINT and SIGTERM ---------------------------------------------------------------------
+
+SIGNALS = {"SIGINT": (signal.SIGINT, 130), "SIGTERM": (signal.SIGTERM, 143)}
+
+
+@pytest.fixture(scope="module")
+def signalled_runs(tmp_path_factory, demo_set):
+    """Two training processes, one stopped with SIGINT and one with SIGTERM once training is
+    under way (side by side: start-up dominates): {name: (folder, CompletedProcess)}."""
+    root = tmp_path_factory.mktemp("signals")
+    runs = {}
+    for name in SIGNALS:
+        config = tiny_config(root / name, demo_set, epochs=100, checkpoint_every_steps=10)
+        runs[name] = (root / name, start_script("train.py", *cli_flags(config), cwd=root))
+    with ended(*(process for _, process in runs.values())):
+        for name, (folder, process) in runs.items():
+            log = folder / "log.json"
+            assert wait_for(log.exists, process)  # the training loop is running
+            process.send_signal(SIGNALS[name][0])
+        return {name: (folder, finish(process, timeout=60))
+                for name, (folder, process) in runs.items()}
+
+
+@pytest.mark.parametrize("name", list(SIGNALS))
+def test_signal_saves_a_resumable_checkpoint(signalled_runs, name):
+    folder, result = signalled_runs[name]
+    assert result.returncode == SIGNALS[name][1], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    latest = folder / "checkpoints" / "latest.pth"
+    match = re.search(r"interrupted at step (\d+); resume with: python train.py --resume (\S+)",
+                      result.stderr)
+    assert match, result.stderr[-3000:]
+    step = int(match[1])
+    assert Path(match[2]) == latest and load_checkpoint(latest)["step"] == step
+    assert logged_steps(folder / "log.json") == list(range(1, step + 1))
+    # Resume as told: one log, no step repeated or missing.
+    summary = train.main(["--resume", match[2], "--max_steps", str(step + 3)])
+    assert summary["step"] == step + 3 and not summary["interrupted"]
+    assert logged_steps(folder / "log.json") == list(range(1, step + 4))
+    assert temp_files(folder / "checkpoints") == []
+
+
+# --- Resume at any step reproduces the uninterrupted run -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, demo_set):
+    config = tiny_config(tmp_path_factory.mktemp("whole"), demo_set, epochs=2)
+    train.train(config)
+    return (load_checkpoint(Path(config.checkpoint_dir) / "latest.pth"),
+            json.loads(Path(config.log_file).read_text()))
+
+
+@pytest.mark.parametrize("stops", [(1,), (STEPS_PER_EPOCH,), (7,), (2, 6)],
+                         ids=["first step", "epoch boundary", "last step but one", "twice"])
+def test_resume_at_any_step_reproduces_the_run(tmp_path, demo_set, uninterrupted, stops):
+    config = tiny_config(tmp_path, demo_set, epochs=2, max_steps=stops[0])
+    assert train.train(config)["step"] == stops[0]
+    latest = Path(config.checkpoint_dir) / "latest.pth"
+    for stop in (*stops[1:], 0):
+        assert load_checkpoint(latest)["step"] < (stop or 8)
+        train.main(["--resume", str(latest), "--max_steps", str(stop)])
+
+    whole, whole_log = uninterrupted
+    resumed = load_checkpoint(latest)
+    assert (resumed["step"], resumed["epoch"]) == (whole["step"], whole["epoch"]) == (8, 2)
+    for net in ("generator", "discriminator"):
+        for key, value in whole[net].items():
+            assert torch.allclose(value.float(), resumed[net][key].float(), atol=1e-6), key
+    log = json.loads(Path(config.log_file).read_text())
+    assert [e["step"] for e in log["steps"]] == list(range(1, 9))
+    for a, b in zip(whole_log["steps"], log["steps"]):
+        assert (a["epoch"], a["lr"]) == (b["epoch"], b["lr"])
+        assert a["g_l1"] == pytest.approx(b["g_l1"], rel=1e-5)
+    assert [e["epoch"] for e in log["epochs"]] == [0, 1]
+    assert log["epochs"][-1]["val_l1"] == pytest.approx(whole_log["epochs"][-1]["val_l1"],
+                                                        rel=1e-5)
+
+
+# --- Non-finite losses and weights ----------------------------------------------------------
+
+
+def poison_generator_loss(monkeypatch, at_step, how, at_poison):
+    """From `at_step` on, the generator loss turns NaN ("loss"), or stays finite while its
+    gradient is NaN ("gradient"), so that the update itself writes NaN into the weights."""
+    real = train.generator_loss
+    calls = []
+
+    def generator_loss(fake_logits, fake, target, lambda_l1, kind="bce"):
+        calls.append(1)
+        loss, adversarial, l1 = real(fake_logits, fake, target, lambda_l1, kind)
+        if len(calls) >= at_step:
+            at_poison()
+            if how == "loss":
+                return loss * float("nan"), adversarial * float("nan"), l1
+            # sqrt's derivative at 0 is infinite: a value of 0 with a NaN gradient.
+            return loss + (fake * 0).sqrt().sum(), adversarial, l1
+        return loss, adversarial, l1
+
+    monkeypatch.setattr(train, "generator_loss", generator_loss)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("loss", "step 3: non-finite loss"),
+    ("gradient", "step 3: the generator weights are not finite")])
+def test_non_finite_values_stop_and_keep_the_last_good_checkpoint(tmp_path, demo_set,
+                                                                  monkeypatch, how, message):
+    config = tiny_config(tmp_path, demo_set, epochs=2, checkpoint_every_steps=1)
+    latest = Path(config.checkpoint_dir) / "latest.pth"
+    before = {}
+    poison_generator_loss(monkeypatch, 3, how,
+                          lambda: before.setdefault("bytes", latest.read_bytes()))
+    with pytest.raises(UserError, match=message) as error:
+        train.train(config)
+    assert "last good checkpoint is kept" in str(error.value)
+    assert latest.read_bytes() == before["bytes"]  # step 2's, untouched
+    for name in ("latest.pth", "generator.pth"):
+        checkpoint = load_checkpoint(Path(config.checkpoint_dir) / name)
+        assert checkpoint["step"] == 2
+        assert all(v.isfinite().all() for v in checkpoint["generator"].values()
+                   if v.is_floating_point())
+    assert logged_steps(config.log_file)[-1] <= 3
+    assert temp_files(config.checkpoint_dir) == []
+
+
+def test_non_finite_validation_stops_naming_the_epoch(tmp_path, demo_set):
+    log = RunLog(tiny_config(tmp_path, demo_set), is_main=True)
+    with pytest.raises(UserError, match=r"epoch 3 \(step 12\): non-finite val_l1"):
+        log.add_epoch(2, 12, {"val_l1": float("nan"), "val_psnr": 20.0}, seconds=1.0)
+    assert not Path(log.path).exists()  # nothing written (JSON has no NaN)
+
+
+def test_a_diverging_learning_rate_stops_at_once_naming_the_step(tmp_path, demo_set, capsys,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path, demo_set, epochs=1, checkpoint_every_steps=1, lr=1e30)
+    status, stderr = run_in_process(train.main, cli_flags(config), capsys)
+    assert status == 2
+    [line] = [line for line in re.split(r"[\r\n]+", stderr) if line.startswith("error:")]
+    assert re.search(r"step \d+: non-finite loss", line), stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "checkpoints" / "latest.pth").exists()  # no NaN weights written
+
+
+def test_a_full_disk_during_training_stops_and_keeps_the_last_checkpoint(tmp_path, demo_set,
+                                                                         monkeypatch):
+    config = tiny_config(tmp_path, demo_set, epochs=2, checkpoint_every_steps=1)
+    latest = Path(config.checkpoint_dir) / "latest.pth"
+    real_save = utils.save_checkpoint
+
+    def save_checkpoint_on_a_filling_disk(checkpoint, path):
+        if checkpoint["step"] == 3 and Path(path).name == "latest.pth":
+            inject_fault(monkeypatch, "full disk", FAULTS["full disk"], lambda: None)
+        return real_save(checkpoint, path)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint_on_a_filling_disk)
+    with pytest.raises(UserError, match="No space left on device") as error:
+        train.train(config)
+    assert str(latest) in str(error.value)
+    assert load_checkpoint(latest)["step"] == 2
+    assert temp_files(config.checkpoint_dir) == []
+
+
+# --- Checkpoints never run code, and foreign ones get one line ------------------------------
+
+
+class RunsCode:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code hidden in a pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def corrupt_variants(folder, good):
+    """{name: path} of checkpoints that must be refused, made from a good latest.pth dict."""
+    folder = Path(folder)
+    paths = {}
+
+    def save(name, obj):
+        paths[name] = folder / f"{name.replace(' ', '_')}.pth"
+        torch.save(obj, paths[name])
+
+    save("good", good)
+    save("pickled code", {**good, "payload": RunsCode(folder / "code_ran")})
+    save("another model's weights", {**good, "generator": good["discriminator"]})
+    save("other width", {**good, "config": {
+        **good["config"], "generator_channels": 16,
+        "model": {**good["config"]["model"], "generator_channels": 16}}})
+    save("no optimiser state", {k: v for k, v in good.items() if k != "generator_optimizer"})
+    save("plain state dict", good["generator"])
+    save("no configuration", {k: v for k, v in good.items() if k != "config"})
+    whole = paths.pop("good").read_bytes()
+    paths["truncated"] = folder / "truncated.pth"
+    paths["truncated"].write_bytes(whole[:len(whole) // 2])
+    paths["empty"] = folder / "empty.pth"
+    paths["empty"].write_bytes(b"")
+    paths["an image"] = folder / "picture.pth"
+    Image.new("RGB", (8, 8)).save(paths["an image"], format="PNG")
+    return paths
+
+
+REFUSALS = {"pickled code": "refused", "another model's weights": "another model's state dict",
+            "other width": "other channel settings", "no optimiser state": "incomplete",
+            "plain state dict": "not a pix2pix checkpoint", "no configuration": "configuration",
+            "truncated": "truncated or corrupt", "empty": "empty file",
+            "an image": "not a readable checkpoint"}
+
+
+def test_no_widened_allow_list():
+    # Only what torch itself lists (its own rebuild functions and classes, Python's exception
+    # classes): the project adds nothing, and no builtin such as open or exec is allowed.
+    for entry in torch.serialization.get_safe_globals():
+        obj = entry[0] if isinstance(entry, tuple) else entry
+        module = obj.__module__.split(".")[0]
+        assert module == "torch" or (module in ("builtins", "traceback") and
+                                     isinstance(obj, type)), entry
+    for source in Path(utils.__file__).parent.glob("*.py"):
+        text = source.read_text()
+        assert "safe_globals" not in text and "weights_only=False" not in text, source
+
+
+def test_the_pickled_code_would_run_if_loaded_unsafely(tmp_path, tiny_checkpoint):
+    # Proves the payload of the refusal tests is live.
+    paths = corrupt_variants(tmp_path, torch.load(tiny_checkpoint(latest=True),
+                                                  weights_only=True))
+    torch.load(paths["pickled code"], weights_only=False)["payload"].close()
+    assert (tmp_path / "code_ran").exists()
+
+
+@pytest.mark.parametrize("variant", list(REFUSALS))
+def test_resume_refuses_a_bad_checkpoint_in_one_line(tmp_path, tiny_checkpoint, capsys,
+                                                     monkeypatch, variant):
+    monkeypatch.chdir(tmp_path)
+    path = corrupt_variants(tmp_path, torch.load(tiny_checkpoint(latest=True),
+                                                 weights_only=True))[variant]
+    status, stderr = run_in_process(train.main, [
+        "--resume", path, "--data_dir", tmp_path / "no_data", "--checkpoint_dir",
+        tmp_path / "run", "--log_file", tmp_path / "run" / "log.json", "--sample_dir",
+        tmp_path / "run"], capsys)
+    assert status == 2 and "Traceback" not in stderr
+    [line] = stderr.strip().splitlines()
+    assert line.startswith(f"error: {path}: ") and REFUSALS[variant] in line, line
+    assert len(line) - len(str(path)) < 250, line  # a sentence, not a dump of keys
+    assert not (tmp_path / "code_ran").exists()
+    assert not (tmp_path / "run" / "latest.pth").exists()
+
+
+@pytest.mark.parametrize("variant", ["pickled code", "another model's weights"])
+def test_inference_refuses_a_bad_checkpoint_in_one_line(tmp_path, tiny_checkpoint, capsys,
+                                                        variant):
+    # The other variants: tests/test_bad_input.py::test_checkpoint_variants.
+    path = corrupt_variants(tmp_path, torch.load(tiny_checkpoint(latest=True),
+                                                 weights_only=True))[variant]
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (16, 16), (128, 64, 128)).save(tmp_path / "in" / "a.png")
+    status, stderr = run_in_process(inference.main, [
+        "--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model_path", path],
+        capsys)
+    assert status == 2 and "Traceback" not in stderr
+    [line] = stderr.strip().splitlines()
+    assert line.startswith(f"error: {path}: ") and REFUSALS[variant] in line, line
+    assert not (tmp_path / "code_ran").exists()
+    assert not (tmp_path / "out").exists()
