@@ -7,12 +7,17 @@ minutes. Every default below can be overridden with the usual train.py flags.
 
 from pathlib import Path
 
+import numpy as np
+import torch
 
 import train
 from config import TrainConfig
 from dataset import PairDataset
-from demo_data import fit_color_lookup, lookup_l1, write_demo_dataset
-from utils import to_uint8
+from demo_data import (apply_color_lookup, fit_color_lookup, nearest_palette_index,
+                       write_demo_dataset)
+from inference import load_generator
+from scenes import CLASS_INDEX
+from utils import to_uint8, to_unit_range
 
 DEMO_DATA_DIR = "./demo_dataset"
 DEMO_TRAIN_PAIRS = 200
@@ -28,6 +33,9 @@ DEMO_SETTINGS = {
 }
 
 
+COMPARED_CLASSES = ("road", "sidewalk", "building", "sky", "vegetation", "car", "person")
+
+
 def as_arrays(dataset):
     """(label, photo) uint8 (H, W, 3) arrays of a non-augmented dataset, at its image size."""
     pairs = []
@@ -40,16 +48,38 @@ def as_arrays(dataset):
     return pairs
 
 
-def lookup_baseline(config):
-    """Validation L1 of painting each class with its mean training colour."""
+def compare_with_lookup(config):
+    """Validation L1, overall and per class, of the trained generator (eval mode, outputs
+    rounded to 8 bits as saved) and of painting each class with its mean training colour."""
     root = Path(config.data_dir)
-    splits = {}
-    for split in ("train", "val"):
-        splits[split] = as_arrays(PairDataset(root / split, image_size=config.image_size,
-                                              train=False, layout=config.layout,
-                                              label_side=config.label_side))
-    table = fit_color_lookup(splits["train"])
-    return lookup_l1(table, splits["val"])
+    pairs = {split: as_arrays(PairDataset(root / split, image_size=config.image_size,
+                                          train=False, layout=config.layout,
+                                          label_side=config.label_side))
+             for split in ("train", "val")}
+    table = fit_color_lookup(pairs["train"])
+    labels = np.stack([label for label, _ in pairs["val"]])  # (N, H, W, 3) uint8
+    photos = np.stack([photo for _, photo in pairs["val"]]).astype(np.float64)
+    generator, _ = load_generator(Path(config.checkpoint_dir) / "generator.pth")
+    with torch.no_grad():
+        fake = generator(to_unit_range(torch.from_numpy(labels).permute(0, 3, 1, 2)))
+    errors = {"model": np.abs(to_uint8(fake).permute(0, 2, 3, 1).numpy() - photos),
+              "lookup": np.abs(np.stack([apply_color_lookup(table, label) for label in labels])
+                               - photos)}
+    classes = nearest_palette_index(labels)
+    rows = {}
+    for name in (*COMPARED_CLASSES, "all"):
+        mask = np.ones(classes.shape, bool) if name == "all" else classes == CLASS_INDEX[name]
+        if mask.any():
+            rows[name] = {"share": mask.mean(),
+                          **{k: e[mask].mean() / 127.5 for k, e in errors.items()}}
+    return rows
+
+
+def print_comparison(rows):
+    print("validation L1 (pixels in [-1, 1]): the model vs a per-class colour lookup table")
+    print(f"  {'class':<12}{'pixels':>7}{'model':>9}{'lookup':>9}")
+    for name, row in rows.items():
+        print(f"  {name:<12}{row['share']:>7.0%}{row['model']:>9.4f}{row['lookup']:>9.4f}")
 
 
 def run(given):
@@ -64,9 +94,10 @@ def run(given):
     summary = train.train(config)
     if "val_l1" not in summary:
         return summary
-    summary["lookup_l1"] = lookup_baseline(config)
-    print(f"validation L1 (pixels in [-1, 1]): model {summary['val_l1']:.4f}, "
-          f"per-class colour lookup {summary['lookup_l1']:.4f}")
+    if config.direction == "label2photo":
+        rows = compare_with_lookup(config)
+        print_comparison(rows)
+        summary["lookup_l1"] = rows["all"]["lookup"]
     print(f"checkpoint: {Path(config.checkpoint_dir) / 'generator.pth'}; log: "
           f"{config.log_file}; samples: {config.sample_dir}/")
     return summary

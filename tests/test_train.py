@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,7 @@ def test_demo_command_compares_with_lookup_table(tmp_path):
                         tmp_path / "ckpt", "--log_file", tmp_path / "log.json",
                         "--sample_dir", tmp_path / "samples", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "per-class colour lookup" in result.stdout
+    assert "per-class colour lookup table" in result.stdout
+    assert re.search(r"^  all +100% +[0-9.]+ +[0-9.]+$", result.stdout, re.M), result.stdout
     assert (tmp_path / "ckpt" / "generator.pth").exists()
     assert len(list((tmp_path / "demo" / "train").glob("*.jpg"))) == 200
