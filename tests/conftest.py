@@ -13,6 +13,9 @@ import torch
 from PIL import Image
 
 from cityscapes import COLORS
+from config import TrainConfig
+from demo_data import write_demo_dataset
+from utils import run_cli
 
 REPO = Path(__file__).resolve().parent.parent  # where the scripts live (pytest.ini: pythonpath)
 
@@ -188,3 +191,49 @@ def assert_clean_failure(result, *names):
     assert "Traceback" not in result.stderr, result.stderr
     for name in names:
         assert str(name) in result.stderr, f"{name!r} not in stderr:\n{result.stderr}"
+
+
+# --- Tiny training runs ---------------------------------------------------------------------
+
+TINY_TRAINING = {"image_size": 32, "generator_channels": 8, "discriminator_channels": 8,
+                 "batch_size": 2, "num_workers": 0, "log_every_steps": 1,
+                 "sample_every_steps": 0, "checkpoint_every_steps": 0}
+
+
+@pytest.fixture(scope="session")
+def demo_set(tmp_path_factory):
+    """8 training and 2 validation pairs of 32x32 synthetic scenes, side by side (4 steps of 2
+    per epoch)."""
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(root, num_train=8, num_val=2, size=32, seed=0)
+    return root
+
+
+def tiny_config(folder, data_dir, **overrides):
+    """A TrainConfig for a tiny model whose outputs all go under `folder`."""
+    folder = Path(folder)
+    return TrainConfig(**{**TINY_TRAINING, "data_dir": str(data_dir),
+                          "checkpoint_dir": str(folder / "checkpoints"),
+                          "log_file": str(folder / "log.json"),
+                          "sample_dir": str(folder / "samples"), **overrides})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a busy 2-core machine: a second thread mostly waits."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_in_process(main, argv, capsys):
+    """(exit status, stdout, stderr) of a script's main under run_cli, as from the shell."""
+    capsys.readouterr()
+    try:
+        run_cli(main, [str(a) for a in argv])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err

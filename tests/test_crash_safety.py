@@ -17,46 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import finish, start_script
 from PIL import Image
 
 import inference
 import train
 import utils
 from config import TrainConfig
-from demo_data import write_demo_dataset
 from training_state import RunLog
-from utils import UserError, load_checkpoint, run_cli, save_checkpoint, save_json
+from utils import UserError, load_checkpoint, save_checkpoint, save_json
 
-TINY = {"image_size": 32, "generator_channels": 8, "discriminator_channels": 8,
-        "batch_size": 2, "num_workers": 0, "log_every_steps": 1, "sample_every_steps": 0,
-        "checkpoint_every_steps": 0}
+from conftest import finish, run_in_process, start_script, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS_PER_EPOCH = 4  # 8 training pairs, batch size 2
 TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp")  # utils.atomic_write's
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a busy 2-core machine: a second thread mostly waits (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def demo_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, num_train=8, num_val=2, size=32, seed=0)
-    return root
-
-
-def tiny_config(folder, data_dir, **overrides):
-    folder = Path(folder)
-    return TrainConfig(**{**TINY, "data_dir": str(data_dir),
-                          "checkpoint_dir": str(folder / "checkpoints"),
-                          "log_file": str(folder / "log.json"),
-                          "sample_dir": str(folder / "samples"), **overrides})
 
 
 def cli_flags(config):
@@ -71,17 +46,6 @@ def cli_flags(config):
         else:
             flags += [f"--{name}", str(value)]
     return flags
-
-
-def run_in_process(main, argv, capsys):
-    """(exit status, stderr) of a script's main under run_cli, as from the shell."""
-    capsys.readouterr()
-    try:
-        run_cli(main, [str(a) for a in argv])
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    return status, capsys.readouterr().err
 
 
 def logged_steps(log_file):
@@ -496,7 +460,7 @@ def test_a_diverging_learning_rate_stops_at_once_naming_the_step(tmp_path, demo_
                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tiny_config(tmp_path, demo_set, epochs=1, checkpoint_every_steps=1, lr=1e30)
-    status, stderr = run_in_process(train.main, cli_flags(config), capsys)
+    status, _, stderr = run_in_process(train.main, cli_flags(config), capsys)
     assert status == 2
     [line] = [line for line in re.split(r"[\r\n]+", stderr) if line.startswith("error:")]
     assert re.search(r"step \d+: non-finite loss", line), stderr
@@ -598,7 +562,7 @@ def test_resume_refuses_a_bad_checkpoint_in_one_line(tmp_path, tiny_checkpoint, 
     monkeypatch.chdir(tmp_path)
     path = corrupt_variants(tmp_path, torch.load(tiny_checkpoint(latest=True),
                                                  weights_only=True))[variant]
-    status, stderr = run_in_process(train.main, [
+    status, _, stderr = run_in_process(train.main, [
         "--resume", path, "--data_dir", tmp_path / "no_data", "--checkpoint_dir",
         tmp_path / "run", "--log_file", tmp_path / "run" / "log.json", "--sample_dir",
         tmp_path / "run"], capsys)
@@ -618,7 +582,7 @@ def test_inference_refuses_a_bad_checkpoint_in_one_line(tmp_path, tiny_checkpoin
                                                  weights_only=True))[variant]
     (tmp_path / "in").mkdir()
     Image.new("RGB", (16, 16), (128, 64, 128)).save(tmp_path / "in" / "a.png")
-    status, stderr = run_in_process(inference.main, [
+    status, _, stderr = run_in_process(inference.main, [
         "--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model_path", path],
         capsys)
     assert status == 2 and "Traceback" not in stderr

@@ -12,8 +12,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
-from conftest import draw_label_map, draw_photo, save_image, write_dataset
 from PIL import Image
 
 import dataset
@@ -23,32 +21,15 @@ import train
 import utils
 from cityscapes import COLORS
 from dataset import PairDataset, find_pairs, off_palette_pixels, read_rgb
-from utils import UserError, run_cli
+from utils import UserError
+
+from conftest import draw_label_map, draw_photo, run_in_process, save_image, write_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PALETTE = np.array(list(COLORS.values()), np.uint8)
 TINY_RUN = ["--image_size", "32", "--generator_channels", "8", "--discriminator_channels", "8",
             "--epochs", "1", "--batch_size", "2", "--num_workers", "0"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a busy 2-core machine: a second thread mostly waits (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def run_in_process(main, argv, capsys):
-    """(exit status, stdout, stderr) of a script's main under run_cli, as from the shell."""
-    capsys.readouterr()
-    try:
-        run_cli(main, [str(a) for a in argv])
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def error_lines(stderr):

@@ -14,32 +14,12 @@ import pytest
 import torch
 
 import train
-from config import TrainConfig
-from demo_data import write_demo_dataset
 from inference import load_generator
 from utils import UserError, load_checkpoint
 
+from conftest import tiny_config
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(image_size=32, generator_channels=8, discriminator_channels=8, batch_size=2,
-            num_workers=0, log_every_steps=1, sample_every_steps=0,
-            checkpoint_every_steps=0)
-
-
-@pytest.fixture(scope="module")
-def demo_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, num_train=8, num_val=2, size=32, seed=0)
-    return root
-
-
-def tiny_config(tmp_path, data_dir, **overrides):
-    out = Path(tmp_path)
-    return TrainConfig(**{**TINY, "data_dir": str(data_dir),
-                          "checkpoint_dir": str(out / "checkpoints"),
-                          "log_file": str(out / "log.json"), "sample_dir": str(out / "samples"),
-                          **overrides})
-
-
 def run_script(script, *args, cwd=ROOT):
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
