@@ -1,0 +1,745 @@
+"""Speed of training and inference under each speed option, measured side by side.
+
+    python benchmark.py --quick                    # small sizes: a minute or two on 2 CPU cores
+    python benchmark.py                            # default model, 256x256: ~45 min on 2 cores
+    python benchmark.py --configs fp32,bf16+cl --batch_sizes 4 --repeats 5
+    python benchmark.py --equivalence              # fixed-seed demo runs: validation L1 per option
+    python benchmark.py --device cuda              # on a GPU: batch 16 and 64, MFU, loader headroom
+
+A configuration is option names joined by "+" (`bf16+fused+cl+data`). `fp32` alone is the plain
+baseline: fp32, eager, NCHW, PyTorch's default Adam, every image decoded in the training process
+each time it is used, and inference one image after another with no overlapped file work.
+
+Every measurement runs in a subprocess of its own (so its peak memory is its own, loader workers
+included), configurations take turns (A B C A B C ...) so that a changing load on the machine hits
+all of them alike, and each figure is the median over --repeats runs, with its spread. Training
+runs train.py itself: its JSON log (one entry per step) gives each step's seconds, and the first
+--warmup_steps are left out. Folder inference runs inference.py: the PNGs' modification times give
+its steady rate, the first batch left out. FLOPs are counted by FlopCounterMode on one real
+training step and one generator forward.
+"""
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+# Option -> flags of train.py and of inference.py (None: not available there), and environment.
+OPTIONS = {
+    "fp32": {"train": [], "inference": []},
+    "tf32": {"train": ["--precision", "tf32"], "inference": None},
+    "bf16": {"train": ["--precision", "bf16"], "inference": ["--precision", "bf16"]},
+    "fp16": {"train": ["--precision", "fp16"], "inference": ["--precision", "fp16"]},
+    "cl": {"train": ["--channels_last"], "inference": ["--channels_last"]},
+    "compile": {"train": ["--compile"], "inference": ["--compile"]},
+    "fused": {"train": ["--fused_adam"], "inference": []},
+    "data": {"train": ["--cache", "auto", "--num_workers", "-1"],
+             "inference": ["--io_threads", "2"]},
+    "png1": {"train": [], "inference": ["--png_compression", "1"]},
+    # OpenMP threads that wait at a barrier sleep at once instead of spinning: on a machine
+    # shared with other jobs, a spinning thread keeps the core its partner needs.
+    "passive": {"train": [], "inference": [], "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
+}
+PLAIN_TRAIN = ["--cache", "off", "--num_workers", "0"]
+PLAIN_INFERENCE = ["--io_threads", "0"]
+
+DEFAULT_CONFIGS = {
+    "cpu": "fp32,fp32+fused,fp32+cl,fp32+data,fp32+compile,fp32+fused+cl+data,"
+           "fp32+fused+cl+data+compile,bf16,bf16+fused+cl+data,bf16+fused+cl+data+compile,"
+           "bf16+fused+cl+data+compile+png1",
+    "cuda": "fp32,fp32+fused+data,tf32+fused+data,bf16+fused+data,fp16+fused+data,"
+            "bf16+fused+cl+data,bf16+fused+cl+data+compile",
+}
+QUICK_CONFIGS = "fp32,fp32+fused+cl+data,bf16+fused+cl+data"
+EQUIVALENCE_CONFIGS = "fp32,fp32+fused+cl,bf16,bf16+fused+cl,bf16+fused+cl+compile"
+
+# Dense peak TFLOP/s from the vendors' data sheets; --peak_tflops overrides. The first key
+# found in the GPU's name wins, so the specific names come first.
+PEAK_TFLOPS = {
+    "H100 PCIe": {"fp32": 51.2, "tf32": 378, "bf16": 756, "fp16": 756},
+    "H100": {"fp32": 66.9, "tf32": 495, "bf16": 989, "fp16": 989},
+    "H200": {"fp32": 66.9, "tf32": 495, "bf16": 989, "fp16": 989},
+    "A100": {"fp32": 19.5, "tf32": 156, "bf16": 312, "fp16": 312},
+    "L40S": {"fp32": 91.6, "tf32": 183, "bf16": 362, "fp16": 362},
+    "L4": {"fp32": 30.3, "tf32": 60, "bf16": 121, "fp16": 121},
+    "A10": {"fp32": 31.2, "tf32": 62.5, "bf16": 125, "fp16": 125},
+}
+
+
+def parse_config(name):
+    """'bf16+cl' -> (train.py flags, inference.py flags or None, environment)."""
+    train_flags, inference_flags, env = list(PLAIN_TRAIN), list(PLAIN_INFERENCE), {}
+    for option in name.split("+"):
+        if option not in OPTIONS:
+            raise SystemExit(f"error: --configs: unknown option {option!r} in {name!r}; "
+                             f"choose from {', '.join(OPTIONS)}")
+        parts = OPTIONS[option]
+        train_flags += parts["train"]
+        inference_flags = None if parts["inference"] is None or inference_flags is None else \
+            inference_flags + parts["inference"]
+        env.update(parts.get("env", {}))
+    return train_flags, inference_flags, env
+
+
+# --- Measurements, each run in a subprocess of its own ------------------------------------------
+
+def child_train(spec):
+    import train
+    train.main(spec["argv"])
+
+
+def child_loader(spec):
+    """Images/s of the training loader alone (what the model would be fed at best)."""
+    import runtime as rt
+    from config import TrainConfig
+    from loader import build_train_loader
+    results = {}
+    for batch_size in spec["batch_sizes"]:
+        config = TrainConfig(**{**spec["config"], "batch_size": batch_size})
+        runtime = rt.setup(config)
+        loader, sampler = build_train_loader(config, runtime)
+        sampler.set_epoch(0)
+        times, start = [], time.perf_counter()
+        for i, _ in enumerate(loader):  # the first batch waits for the workers to start
+            now = time.perf_counter()
+            times.append(now - start)
+            start = now
+            if i + 1 == spec["batches"]:
+                break
+        del loader
+        results[batch_size] = batch_size / statistics.median(times[1:] or times)
+    return {"loader_img_s": results}
+
+
+def child_forward(spec):
+    """The bare generator: seconds per batch at each batch size (no file work)."""
+    import torch
+
+    import inference
+    device = torch.device(spec["device"])
+    generator, _ = inference.load_generator(spec["checkpoint"], device)
+    generator = inference.optimize_generator(generator, spec["channels_last"], spec["compile"])
+    dtype = inference.AUTOCAST_DTYPES.get(spec["precision"])
+    results = {}
+    for batch_size in spec["batch_sizes"]:
+        x = torch.rand(batch_size, 3, spec["image_size"], spec["image_size"], device=device)
+        if spec["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        reset_peak(device)
+        times = []
+        for i in range(spec["warmup"] + spec["iterations"]):
+            start = time.perf_counter()
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=bool(dtype)):
+                generator(x).float()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        results[batch_size] = {"seconds": statistics.median(times[spec["warmup"]:]),
+                               "first_s": times[0], **memory_report(device)}
+    return {"forward": results}
+
+
+def child_inference(spec):
+    """inference.py on a folder, once per batch size (smallest first, so that each memory peak
+    read after a run is that run's); the steady rate comes from the PNGs' modification times."""
+    import torch
+
+    import inference
+    results = {}
+    for batch_size in spec["batch_sizes"]:
+        output = Path(spec["output_dir"]) / f"batch{batch_size}"
+        reset_peak(torch.device(spec["device"]))
+        start = time.time()
+        with contextlib.redirect_stdout(io.StringIO()):
+            inference.main([*spec["argv"], "--batch_size", str(batch_size),
+                            "--output_dir", str(output)])
+        wall = time.time() - start
+        stamps = sorted(p.stat().st_mtime_ns / 1e9 for p in output.glob("*.png"))
+        # From the first batch's last PNG (the warm-up done) to the last PNG.
+        first = min(batch_size, len(stamps) - 1) - 1
+        steady = (len(stamps) - 1 - first) / max(stamps[-1] - stamps[first], 1e-9)
+        results[batch_size] = {"img_s": steady, "wall_s": wall, "images": len(stamps),
+                               **memory_report(torch.device(spec["device"]))}
+    return {"inference": results}
+
+
+def child_flops(spec):
+    """FLOPs of one real training step (train.py under FlopCounterMode, eager fp32) per batch
+    size, and of one generator forward per image."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import train
+    from config import TrainConfig
+    from models import build_generator
+    steps = {}
+    for batch_size in spec["batch_sizes"]:
+        argv = [*spec["argv"], "--batch_size", str(batch_size), "--max_steps", "1"]
+        with FlopCounterMode(display=False) as counter, \
+                contextlib.redirect_stdout(io.StringIO()):
+            train.main(argv)
+        steps[batch_size] = counter.get_total_flops()
+    config = TrainConfig(**spec["config"])
+    generator = build_generator(config.model_config()).eval()
+    x = torch.zeros(1, 3, config.image_size, config.image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        generator(x)
+    return {"train_step": steps, "generator_forward": counter.get_total_flops()}
+
+
+CHILDREN = {"train": child_train, "loader": child_loader, "forward": child_forward,
+            "inference": child_inference, "flops": child_flops}
+
+
+def reset_peak(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def synchronize(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_report(device):
+    """Peak memory so far: this process's RSS (MiB) and, on CUDA, torch's allocations."""
+    import torch
+    report = {"maxrss_mib": maxrss_mib(resource.RUSAGE_SELF)}
+    if device.type == "cuda":
+        report["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return report
+
+
+def maxrss_mib(who):
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(who).ru_maxrss * scale / 2 ** 20
+
+
+def child_main(kind, spec_path):
+    spec = json.loads(Path(spec_path).read_text())
+    sys.path.insert(0, str(REPO))
+    result = CHILDREN[kind](spec) or {}
+    import torch
+    device = torch.device(spec.get("device", "cpu"))
+    result.update(maxrss_mib=maxrss_mib(resource.RUSAGE_SELF),
+                  children_maxrss_mib=maxrss_mib(resource.RUSAGE_CHILDREN))
+    if device.type == "cuda" and kind == "train":
+        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# --- Running a child and watching its memory ----------------------------------------------------
+
+def process_tree(root):
+    """The pids of `root` and its descendants (Linux /proc; just `root` elsewhere)."""
+    parents = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(
+                        int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = [root], [root]
+    while frontier:
+        children = parents.get(frontier.pop(), [])
+        tree += children
+        frontier += children
+    return tree
+
+
+def rss_mib(pid, private_only=False):
+    """Resident memory of a process from /proc/PID/statm (cheap to read, unlike smaps, which
+    would stall the measured process); `private_only` leaves out file-backed pages (the
+    libraries every process maps), so that loader workers do not count them again."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            resident, shared = (int(v) for v in f.read().split()[1:3])
+    except (OSError, ValueError):
+        return 0.0
+    return (resident - shared if private_only else resident) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_child(kind, spec, workdir, env=None, sample_every_s=0.2):
+    """Run one measurement; returns its result with wall seconds and the process tree's peak
+    resident memory, sampled: the child's RSS plus its loader workers' private RSS (an upper
+    bound: pages a forked worker still shares with its parent are counted again)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = {**spec, "result": str(workdir / "result.json")}
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    with open(workdir / "output.log", "w") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_child",
+                                    kind, str(workdir / "spec.json")], cwd=workdir, stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        peak, samples = 0.0, 0
+        while process.poll() is None:
+            if samples % 10 == 0:  # scanning /proc for workers costs more than reading RSS
+                tree = process_tree(process.pid)
+            peak = max(peak, rss_mib(tree[0]) + sum(rss_mib(p, True) for p in tree[1:]))
+            samples += 1
+            time.sleep(sample_every_s)
+        wall = time.perf_counter() - start
+    if process.returncode != 0:
+        tail = (workdir / "output.log").read_text()[-1500:]
+        raise RuntimeError(f"{kind} measurement failed (exit {process.returncode}):\n{tail}")
+    result = json.loads((workdir / "result.json").read_text())
+    return {**result, "wall_s": wall, "tree_peak_rss_mib": peak}
+
+
+def train_steps(log_file, warmup_steps):
+    """(seconds of each step after the warm-up, seconds of the first step) from train.py's log."""
+    entries = json.loads(Path(log_file).read_text())["steps"]
+    stamps = [e["seconds"] for e in entries]
+    steps = [b - a for a, b in itertools.pairwise(stamps)][max(warmup_steps - 1, 0):]
+    return steps, stamps[0]
+
+
+# --- The benchmark --------------------------------------------------------------------------------
+
+def machine_info(device):
+    import torch
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "threads": torch.get_num_threads(), "device": device}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                           if line.startswith("model name"))
+        flags = set(next(line for line in cpuinfo.splitlines()
+                         if line.startswith("flags")).split())
+        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16",
+                                            "amx_bf16", "amx_tile", "amx_fp16"})
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def peak_tflops(args, info, config_name):
+    """The peak FLOP/s that MFU divides by, for this configuration's precision; None if unknown."""
+    if args.peak_tflops:
+        return args.peak_tflops
+    precision = next((p for p in ("tf32", "bf16", "fp16") if p in config_name.split("+")), "fp32")
+    for name, peaks in PEAK_TFLOPS.items():
+        if name in info.get("gpu", ""):
+            return peaks[precision]
+    return None
+
+
+def summarize(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": values}
+
+
+def prepare_inputs(args, workdir):
+    """The synthetic data set (no epoch ends within a training run), and a folder to translate."""
+    from demo_data import write_demo_dataset
+    pairs = max(args.batch_sizes) * (args.warmup_steps + args.steps + 1)
+    write_demo_dataset(workdir / "data", num_train=pairs, num_val=2, size=args.image_size)
+    write_demo_dataset(workdir / "to_translate", num_train=args.infer_images, num_val=1,
+                       size=args.image_size, seed=1)
+
+
+def model_flags(args):
+    return {"image_size": args.image_size, "generator_channels": args.channels,
+            "discriminator_channels": args.channels}
+
+
+def train_argv(args, workdir, run, flags):
+    return ["--data_dir", str(workdir / "data"), "--image_size", str(args.image_size),
+            "--generator_channels", str(args.channels), "--discriminator_channels",
+            str(args.channels), "--device", args.device, "--log_every_steps", "1",
+            "--sample_every_steps", "0", "--checkpoint_every_steps", "0", "--num_samples", "1",
+            "--checkpoint_dir", str(run / "checkpoints"), "--log_file", str(run / "log.json"),
+            "--sample_dir", str(run / "samples"), *flags]
+
+
+def as_config_dict(flags):
+    from config import build_parser
+    return vars(build_parser("").parse_args(flags))
+
+
+def measure_train(args, workdir, name, batch_size, rep, env):
+    run = workdir / "runs" / f"train_{slug(name)}_b{batch_size}_r{rep}"
+    flags, _, config_env = parse_config(name)
+    argv = train_argv(args, workdir, run, flags) + [
+        "--batch_size", str(batch_size), "--max_steps", str(args.warmup_steps + args.steps)]
+    result = run_child("train", {"argv": argv, "device": args.device}, run,
+                       {**env, **config_env})
+    steps, first = train_steps(run / "log.json", args.warmup_steps)
+    remove_tree(run / "checkpoints")  # hundreds of MB each at 256x256
+    return {"img_s": batch_size / statistics.median(steps), "step_s": statistics.median(steps),
+            "first_step_s": first, "wall_s": result["wall_s"],
+            "peak_mib": result["tree_peak_rss_mib"], "main_maxrss_mib": result["maxrss_mib"],
+            "cuda_peak_mib": result.get("cuda_peak_mib")}
+
+
+def measure_loader(args, workdir, name, rep):
+    run = workdir / "runs" / f"loader_{slug(name)}_r{rep}"
+    flags, _, env = parse_config(name)
+    config = {**as_config_dict(train_argv(args, workdir, run, flags)), "num_samples": 1}
+    spec = {"config": config, "batch_sizes": args.batch_sizes, "device": args.device,
+            "batches": args.warmup_steps + args.steps}
+    return run_child("loader", spec, run, env)["loader_img_s"]
+
+
+def measure_inference(args, workdir, name, rep, env):
+    run = workdir / "runs" / f"inference_{slug(name)}_r{rep}"
+    argv = ["--input_dir", str(workdir / "to_translate" / "train"), "--model_path",
+            str(workdir / "generator.pth"), "--device", args.device, "--input_layout",
+            "side_by_side", "--label_side", "right", *parse_config(name)[1]]
+    spec = {"argv": argv, "batch_sizes": args.infer_batch_sizes, "device": args.device,
+            "output_dir": str(run / "outputs")}
+    result = run_child("inference", spec, run, {**env, **parse_config(name)[2]})["inference"]
+    remove_tree(run / "outputs")
+    return result
+
+
+def measure_forward(args, workdir, name, rep, env):
+    run = workdir / "runs" / f"forward_{slug(name)}_r{rep}"
+    options = name.split("+")
+    precision = next((p for p in ("bf16", "fp16") if p in options), "fp32")
+    spec = {"checkpoint": str(workdir / "generator.pth"), "device": args.device,
+            "image_size": args.image_size, "channels_last": "cl" in options,
+            "compile": "compile" in options, "precision": precision,
+            "batch_sizes": args.infer_batch_sizes, "warmup": 2, "iterations": args.steps}
+    return run_child("forward", spec, run, {**env, **parse_config(name)[2]})["forward"]
+
+
+def slug(name):
+    return name.replace("+", "_")
+
+
+def remove_tree(path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_benchmark(args, workdir):
+    import torch  # noqa: F401  (the parent only builds inputs; children measure)
+    info = machine_info(args.device)
+    prepare_inputs(args, workdir)
+    # One compile cache for the whole benchmark: the first run of a compiled configuration
+    # starts cold, later ones warm (see first_step_s).
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor_cache")}
+    flops_run = workdir / "runs" / "flops"
+    flops = run_child("flops", {"argv": train_argv(args, workdir, flops_run, PLAIN_TRAIN),
+                                "config": model_flags(args), "batch_sizes": args.batch_sizes,
+                                "device": args.device}, flops_run)
+    flops["train_step"] = {int(k): v for k, v in flops["train_step"].items()}
+    # Inference translates with the generator that run saved (one step trained).
+    (flops_run / "checkpoints" / "generator.pth").replace(workdir / "generator.pth")
+    remove_tree(flops_run / "checkpoints")
+    measured = {part: unique_configs(args.configs, part) for part in args.parts}
+    raw = {"train": {}, "loader": {}, "inference": {}, "forward": {}}
+    for rep in range(args.repeats):
+        print(f"repetition {rep + 1}/{args.repeats}", flush=True)
+        for name in measured.get("train", []):
+            for batch_size in args.batch_sizes:
+                result = measure_train(args, workdir, name, batch_size, rep, env)
+                raw["train"].setdefault((name, batch_size), []).append(result)
+                print(f"  train {name:<32} batch {batch_size:<3} {result['img_s']:8.2f} img/s",
+                      flush=True)
+        for name in measured.get("loader", []):
+            for batch_size, img_s in measure_loader(args, workdir, name, rep).items():
+                raw["loader"].setdefault((name, int(batch_size)), []).append(img_s)
+        for part, measure in (("inference", measure_inference), ("forward", measure_forward)):
+            for name in measured.get(part, []):
+                for batch_size, result in measure(args, workdir, name, rep, env).items():
+                    raw[part].setdefault((name, int(batch_size)), []).append(result)
+                    rate = result["img_s"] if part == "inference" else \
+                        int(batch_size) / result["seconds"]
+                    print(f"  {part} {name:<28} batch {batch_size:<3} {rate:8.2f} img/s",
+                          flush=True)
+    return {"machine": info, "settings": settings_of(args), "flops": flops,
+            "same_as": {part: {name: first for name in args.configs
+                               if (first := measured_as(args.configs, part, name)) != name}
+                        for part in measured},
+            **report(args, info, raw, flops)}
+
+
+def measurement_key(part, name):
+    """What a part's figure depends on (None: the part does not apply); configurations with
+    the same key are measured once (fused Adam, say, changes nothing in inference)."""
+    train_flags, inference_flags, env = parse_config(name)
+    if part == "train":
+        key = train_flags
+    elif part == "loader":
+        config = as_config_dict(train_flags)
+        key = [config.get("cache"), config.get("num_workers")]
+    elif part == "inference":
+        key = inference_flags
+    else:  # the bare forward: precision, memory format, compile
+        key = sorted(set(name.split("+")) & {"bf16", "fp16", "cl", "compile"})
+    return None if key is None else (tuple(key), tuple(sorted(env.items())))
+
+
+def measured_as(configs, part, name):
+    """The first configuration whose measurement stands for `name`'s in this part."""
+    key = measurement_key(part, name)
+    return next((c for c in configs if key is not None and measurement_key(part, c) == key),
+                None)
+
+
+def unique_configs(configs, part):
+    return [name for name in configs if measured_as(configs, part, name) == name]
+
+
+def settings_of(args):
+    return {k: v for k, v in vars(args).items() if k not in ("output", "workdir")}
+
+
+def report(args, info, raw, flops):
+    """Rows per (part, configuration, batch size): medians, spreads, ratios to the plain fp32."""
+    base = args.configs[0]
+    rows = {"train": [], "loader": [], "inference": [], "forward": []}
+    for (name, batch_size), runs in raw["train"].items():
+        step_s = statistics.median(r["step_s"] for r in runs)
+        plain = raw["train"].get((base, batch_size))
+        loader = raw["loader"].get((measured_as(args.configs, "loader", name), batch_size))
+        gflop_s = flops["train_step"][batch_size] / step_s / 1e9
+        peak = peak_tflops(args, info, name)
+        img_s = summarize([r["img_s"] for r in runs])
+        rows["train"].append({
+            "config": name, "batch_size": batch_size, "img_s": img_s,
+            "x_plain": img_s["median"] / statistics.median(r["img_s"] for r in plain)
+            if plain else None,
+            "gflop_s": gflop_s, "mfu": gflop_s / (peak * 1e3) if peak else None,
+            "first_step_s": summarize([r["first_step_s"] for r in runs]),
+            "wall_s": summarize([r["wall_s"] for r in runs]),
+            "peak_mib": summarize([r["peak_mib"] for r in runs]),
+            "main_maxrss_mib": summarize([r["main_maxrss_mib"] for r in runs]),
+            "cuda_peak_mib": summarize([r["cuda_peak_mib"] for r in runs]),
+            "loader_img_s": statistics.median(loader) if loader else None,
+            "loader_headroom": statistics.median(loader) / img_s["median"] if loader else None})
+    for (name, batch_size), values in raw["loader"].items():
+        config = as_config_dict(parse_config(name)[0])
+        rows["loader"].append({"config": name, "cache": config.get("cache"),
+                               "num_workers": config.get("num_workers"),
+                               "batch_size": batch_size, "img_s": summarize(values)})
+    forward_flops = flops["generator_forward"]
+    for part in ("inference", "forward"):
+        plain = raw[part].get((base, 1))
+        for (name, batch_size), runs in raw[part].items():
+            rates = [r["img_s"] if part == "inference" else batch_size / r["seconds"]
+                     for r in runs]
+            img_s = summarize(rates)
+            peak = peak_tflops(args, info, name)
+            row = {"config": name, "batch_size": batch_size, "img_s": img_s,
+                   "x_plain_batch1": img_s["median"] / statistics.median(
+                       r["img_s"] if part == "inference" else 1 / r["seconds"] for r in plain)
+                   if plain else None,
+                   "gflop_s": forward_flops * img_s["median"] / 1e9,
+                   "maxrss_mib": summarize([r["maxrss_mib"] for r in runs]),
+                   "cuda_peak_mib": summarize([r.get("cuda_peak_mib") for r in runs])}
+            row["mfu"] = row["gflop_s"] / (peak * 1e3) if peak else None
+            row.update({"wall_s": summarize([r["wall_s"] for r in runs])} if part == "inference"
+                       else {"first_call_s": summarize([r["first_s"] for r in runs])})
+            rows[part].append(row)
+    return rows
+
+
+TABLES = {  # part -> (title, [(column, row key)])
+    "train": ("Training: train.py at steady state", [
+        ("img/s", "img_s"), ("x plain", "x_plain"), ("GFLOP/s", "gflop_s"), ("MFU", "mfu"),
+        ("1st step s", "first_step_s"), ("RSS MiB", "main_maxrss_mib"),
+        ("tree MiB", "peak_mib"), ("GPU MiB", "cuda_peak_mib"), ("loader x", "loader_headroom")]),
+    "inference": ("Folder inference: inference.py (decode, translate, write PNGs)", [
+        ("img/s", "img_s"), ("x fp32 b1", "x_plain_batch1"), ("GFLOP/s", "gflop_s"),
+        ("MFU", "mfu"), ("wall s", "wall_s"), ("RSS MiB", "maxrss_mib"),
+        ("GPU MiB", "cuda_peak_mib")]),
+    "forward": ("Bare generator forward", [
+        ("img/s", "img_s"), ("x fp32 b1", "x_plain_batch1"), ("GFLOP/s", "gflop_s"),
+        ("MFU", "mfu"), ("1st call s", "first_call_s"), ("RSS MiB", "maxrss_mib"),
+        ("GPU MiB", "cuda_peak_mib")]),
+}
+
+
+def print_tables(results):
+    info = results["machine"]
+    print(f"\n{info.get('gpu') or info.get('cpu')} ({info['cores']} cores, torch "
+          f"{info['torch']}); median [min-max] of {results['settings']['repeats']} runs")
+    for part, (title, columns) in TABLES.items():
+        if not results[part]:
+            continue
+        print(f"\n{title}\n{'config':<32}{'batch':>6}" + "".join(
+            f"{name:>24}" if key == "img_s" else f"{name:>11}" for name, key in columns))
+        for row in results[part]:
+            print(f"{row['config']:<32}{row['batch_size']:>6}" + "".join(
+                f"{cell(row.get(key), spread=True):>24}" if key == "img_s" else
+                f"{cell(row.get(key)):>11}" for _, key in columns))
+    if results["loader"]:
+        print("\nTraining loader alone (img/s; 'loader x' above: loader img/s / step img/s)")
+        for row in results["loader"]:
+            print(f"{row['config']:<32}{row['batch_size']:>6}{cell(row['img_s'], True):>24}"
+                  f"   cache {row['cache']}, workers {row['num_workers']}")
+    for part, same in results.get("same_as", {}).items():
+        for name, first in same.items():
+            print(f"{part}: {name} " + (f"is measured as {first}" if first else "n/a"))
+
+
+def cell(value, spread=False):
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        if spread:
+            return f"{number(value['median'])} [{number(value['min'])}-{number(value['max'])}]"
+        value = value["median"]
+    return number(value)
+
+
+def number(value):
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+# --- Equivalence: does each option train to the same quality? ------------------------------------
+
+def run_equivalence(args, workdir):
+    """The demo run (128x128, batch 4, fixed seed) for each configuration: loss curves and the
+    final validation L1, compared with the first configuration's (within 10%?)."""
+    epochs = max(1, math.ceil(args.equivalence_steps / 50))  # the demo set: 50 steps per epoch
+    results = {}
+    for name in args.configs:
+        run = workdir / "runs" / f"equivalence_{slug(name)}"
+        command = [sys.executable, str(REPO / "train.py"), "--demo", "--data_dir",
+                   str(workdir / "demo_data"), "--epochs", str(epochs), "--device", args.device,
+                   "--checkpoint_dir", str(run / "checkpoints"), "--log_file",
+                   str(run / "log.json"), "--sample_dir", str(run / "samples"),
+                   *parse_config(name)[0]]
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=False,
+                              env={**os.environ, **parse_config(name)[2]})
+        if done.returncode != 0:
+            raise RuntimeError(f"{name}: the demo run failed:\n{done.stderr[-1500:]}")
+        log = json.loads((run / "log.json").read_text())
+        results[name] = {
+            "seconds": time.perf_counter() - start,
+            "val_l1_per_epoch": [round(e["val_l1"], 5) for e in log["epochs"]],
+            "g_l1_every_50_steps": [round(e["g_l1"], 5) for e in log["steps"]
+                                    if e["step"] % 50 == 0],
+            "d_loss_every_50_steps": [round((e["d_real"] + e["d_fake"]) / 2, 5)
+                                      for e in log["steps"] if e["step"] % 50 == 0],
+            "final_val_l1": log["epochs"][-1]["val_l1"]}
+        base = results[args.configs[0]]["final_val_l1"]
+        results[name]["relative_to_first"] = results[name]["final_val_l1"] / base - 1
+        results[name]["within_10_percent"] = abs(results[name]["relative_to_first"]) <= 0.10
+        print(f"{name:<30} final val L1 {results[name]['final_val_l1']:.4f} "
+              f"({results[name]['relative_to_first']:+.1%} vs {args.configs[0]}), "
+              f"val L1 per epoch {results[name]['val_l1_per_epoch']}, "
+              f"{results[name]['seconds']:.0f} s", flush=True)
+    return {"machine": machine_info(args.device), "settings": settings_of(args),
+            "equivalence": results}
+
+
+# --- Command line ---------------------------------------------------------------------------------
+
+# Per device, then what --quick changes; a flag given on the command line wins over both.
+DEFAULTS = {
+    "cpu": {"configs": DEFAULT_CONFIGS["cpu"], "batch_sizes": "1,4", "infer_batch_sizes": "1,8",
+            "image_size": 256, "steps": 6, "warmup_steps": 2, "repeats": 3, "infer_images": 48},
+    "cuda": {"configs": DEFAULT_CONFIGS["cuda"], "batch_sizes": "16,64",
+             "infer_batch_sizes": "1,8,64", "image_size": 256, "steps": 20, "warmup_steps": 5,
+             "repeats": 3, "infer_images": 256},
+}
+QUICK = {"configs": QUICK_CONFIGS, "batch_sizes": "4", "image_size": 64, "steps": 4,
+         "warmup_steps": 2, "repeats": 2, "infer_images": 32}
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--configs", help="comma-separated; the first is the baseline "
+                        f"(options: {', '.join(OPTIONS)}; default on the CPU: "
+                        f"{DEFAULT_CONFIGS['cpu']})")
+    parser.add_argument("--batch_sizes", help="training batch sizes (CPU 1,4; CUDA 16,64)")
+    parser.add_argument("--infer_batch_sizes", help="inference batch sizes (CPU 1,8)")
+    parser.add_argument("--image_size", type=int, help="training and inference size (256)")
+    parser.add_argument("--channels", type=int, default=64,
+                        help="width of both networks' first layer (64: the default model)")
+    parser.add_argument("--steps", type=int, help="timed training steps / forward calls")
+    parser.add_argument("--warmup_steps", type=int, help="training steps left out of timing")
+    parser.add_argument("--repeats", type=int, help="runs of each measurement (interleaved)")
+    parser.add_argument("--infer_images", type=int, help="images in the translated folder")
+    parser.add_argument("--parts", default="train,loader,inference,forward",
+                        help="which measurements (comma-separated)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="peak TFLOP/s for MFU (default: a table of known GPUs)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a minute or two")
+    parser.add_argument("--equivalence", action="store_true",
+                        help="fixed-seed demo runs (128x128) per configuration instead: loss "
+                             "curves and final validation L1 against the first configuration")
+    parser.add_argument("--equivalence_steps", type=int, default=300)
+    parser.add_argument("--output", default="benchmark_results.json")
+    parser.add_argument("--workdir", default=None,
+                        help="keep data, logs and outputs here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    defaults = {**DEFAULTS[args.device], **(QUICK if args.quick else {})}
+    if args.equivalence:
+        defaults["configs"] = EQUIVALENCE_CONFIGS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for name in args.configs:
+        parse_config(name)  # an unknown option stops here
+    args.batch_sizes = sorted(int(b) for b in args.batch_sizes.split(","))
+    args.infer_batch_sizes = sorted(int(b) for b in args.infer_batch_sizes.split(","))
+    args.parts = [p.strip() for p in args.parts.split(",")]
+    unknown = set(args.parts) - {"train", "loader", "inference", "forward"}
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from train, "
+                     "loader, inference, forward")
+    if min(args.batch_sizes + args.infer_batch_sizes + [args.steps, args.repeats]) < 1 or \
+            args.warmup_steps < 1 or args.infer_images < 2:
+        parser.error("batch sizes, --steps, --repeats, --warmup_steps must be >= 1, "
+                     "--infer_images >= 2")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            workdir = Path(args.workdir).resolve()
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_")))
+        sys.path.insert(0, str(REPO))
+        if args.equivalence:
+            results = run_equivalence(args, workdir)
+        else:
+            results = run_benchmark(args, workdir)
+            print_tables(results)
+    Path(args.output).write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nwrote {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--_child":
+        child_main(sys.argv[2], sys.argv[3])
+    else:
+        main()

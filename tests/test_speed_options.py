@@ -1,0 +1,259 @@
+"""The speed options give the same results as plain fp32: bf16 autocast, channels-last, fused
+Adam, torch.compile, the cached loader, and inference's overlapped file work and batching. Plus
+a smoke run of benchmark.py at tiny sizes. No timings are asserted: only behaviour."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+import runtime as rt
+import train
+from config import TrainConfig
+from demo_data import write_demo_dataset
+from loader import build_train_loader, build_val_dataset
+from models import ModelConfig, build_generator
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(image_size=32, generator_channels=8, discriminator_channels=8, batch_size=2,
+            num_workers=0, log_every_steps=1, sample_every_steps=0, checkpoint_every_steps=0,
+            epochs=1, max_steps=3, dropout=False)
+# Inductor's C++ build takes about a minute even for the tiny model on a small CPU.
+# Runs in CI (CI=true); elsewhere opt in, since the first inductor build takes about a minute.
+FULL_COMPILE = os.environ.get("PIX2PIX_TEST_COMPILE") == "1" or bool(os.environ.get("CI"))
+
+
+@pytest.fixture(scope="module")
+def demo_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(root, num_train=6, num_val=2, size=32, seed=0)
+    return root
+
+
+def run_tiny(tmp_path, data_dir, name, **options):
+    """Three steps of the real loop; the per-step losses from its log and the summary."""
+    out = Path(tmp_path) / name
+    config = TrainConfig(**{**TINY, "data_dir": str(data_dir), "log_file": str(out / "log.json"),
+                            "checkpoint_dir": str(out / "checkpoints"),
+                            "sample_dir": str(out / "samples"), **options})
+    summary = train.train(config)
+    steps = json.loads(Path(config.log_file).read_text())["steps"]
+    return [[s[k] for k in ("g_adv", "g_l1", "d_real", "d_fake")] for s in steps], summary
+
+
+def assert_close_losses(a, b, rel):
+    assert len(a) == len(b)
+    for step_a, step_b in zip(a, b):
+        assert all(math.isfinite(v) for v in step_b)
+        assert step_b == pytest.approx(step_a, rel=rel, abs=1e-3)
+
+
+# --- Training options ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory, demo_set):
+    return run_tiny(tmp_path_factory.mktemp("fp32"), demo_set, "fp32")
+
+
+def test_bf16_autocast_on_cpu_trains_like_fp32(tmp_path, demo_set, fp32_run):
+    losses, summary = run_tiny(tmp_path, demo_set, "bf16", precision="bf16")
+    # bf16 keeps 8 bits of mantissa: the losses agree to a few percent, not to the last bit.
+    assert_close_losses(fp32_run[0], losses, rel=0.05)
+    assert summary["step"] == 3
+
+
+def test_channels_last_and_fused_adam_match_fp32(tmp_path, demo_set, fp32_run):
+    losses, _ = run_tiny(tmp_path, demo_set, "fast", channels_last=True, fused_adam=True)
+    assert_close_losses(fp32_run[0], losses, rel=1e-3)
+
+
+def test_channels_last_reaches_weights_inputs_and_outputs():
+    config = TrainConfig(**{**TINY, "channels_last": True})
+    runtime = rt.Runtime(device=torch.device("cpu"), channels_last=True)
+    generator = rt.prepare(build_generator(config.model_config()), config, runtime)
+    conv = generator.encoder["down2"].conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    x = runtime.to_device(torch.rand(2, 3, 32, 32))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert generator(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_adam_takes_the_same_steps():
+    def steps(fused):
+        torch.manual_seed(0)
+        model = build_generator(ModelConfig(image_size=16, generator_channels=4, dropout=False))
+        config = TrainConfig(**{**TINY, "fused_adam": fused})
+        optimizer = rt.build_adam(model, config, rt.Runtime(device=torch.device("cpu")))
+        assert bool(optimizer.param_groups[0]["fused"]) is fused
+        x = torch.rand(2, 3, 16, 16)
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            optimizer.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(steps(True), steps(False), rtol=1e-5, atol=1e-7)
+
+
+def test_compile_traces_the_training_step(tmp_path, demo_set, fp32_run, monkeypatch):
+    """The loop through torch.compile's graph capture (the eager backend: no C++ build, so it
+    stays fast); PIX2PIX_TEST_COMPILE=1 uses the real inductor backend instead."""
+    if not FULL_COMPILE:
+        compile_ = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager"))
+    torch._dynamo.reset()
+    losses, _ = run_tiny(tmp_path, demo_set, "compiled", compile=True)
+    assert_close_losses(fp32_run[0], losses, rel=1e-3)
+
+
+def test_cached_loader_gives_the_same_batches_and_caches_validation(demo_set):
+    config = TrainConfig(**{**TINY, "data_dir": str(demo_set), "cache": "off"})
+    cached_config = TrainConfig(**{**TINY, "data_dir": str(demo_set), "cache": "on"})
+    runtime = rt.Runtime(device=torch.device("cpu"))
+    (plain, plain_sampler), (cached, cached_sampler) = (build_train_loader(c, runtime)
+                                                        for c in (config, cached_config))
+    plain_sampler.set_epoch(1)
+    cached_sampler.set_epoch(1)
+    for a, b in zip(plain, cached):
+        assert torch.equal(a["source"], b["source"]) and torch.equal(a["target"], b["target"])
+    plain_val = build_val_dataset(config, runtime, plain.dataset)
+    cached_val = build_val_dataset(cached_config, runtime, cached.dataset)
+    assert plain_val.cache is None and cached_val.cache is not None
+    assert torch.equal(plain_val[1]["target"], cached_val[1]["target"])
+
+
+# --- Inference options --------------------------------------------------------------------
+
+def translate(generator, arrays, **options):
+    config = {"model": ModelConfig(image_size=32, generator_channels=8).to_dict()}
+    return inference.Translator(generator, config, "cpu", **options).translate(arrays)
+
+
+@pytest.fixture(scope="module")
+def generator_and_inputs():
+    torch.manual_seed(0)
+    generator = build_generator(ModelConfig(image_size=32, generator_channels=8)).eval()
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    return generator, arrays
+
+
+def test_bf16_and_channels_last_inference_match_fp32(generator_and_inputs):
+    generator, arrays = generator_and_inputs
+    reference = translate(generator, arrays)
+    fast = translate(inference.optimize_generator(generator, channels_last=True), arrays,
+                     precision="bf16", channels_last=True)
+    for a, b in zip(reference, fast):
+        assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+        # Outputs are uint8 levels: bf16 rounding moves a few of them by a level or two.
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 4
+
+
+def test_inference_compile_flag_compiles_and_freezes(tmp_path, tiny_checkpoint, monkeypatch):
+    import torch._inductor.config as inductor_config
+    compiled = []
+    compile_ = torch.compile
+
+    def spy(model, **options):  # graph capture only: no C++ build
+        compiled.append(model)
+        return compile_(model, backend="eager")
+    monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setattr(inductor_config, "freezing", False)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(inputs / "a.png")
+    for name, flags in {"eager": [], "compiled": ["--compile"]}.items():
+        inference.main(["--input_dir", str(inputs), "--output_dir", str(tmp_path / name),
+                        "--model_path", str(tiny_checkpoint(image_size=32)),
+                        "--input_layout", "labels", *flags])
+    assert len(compiled) == 1 and inductor_config.freezing
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "eager" / "a.png")),
+                          np.asarray(Image.open(tmp_path / "compiled" / "a.png")))
+
+
+@pytest.mark.skipif(not FULL_COMPILE, reason="inductor's C++ build takes about a minute; "
+                    "set PIX2PIX_TEST_COMPILE=1")
+def test_compiled_frozen_generator_matches_eager(generator_and_inputs):
+    generator, arrays = generator_and_inputs
+    torch._dynamo.reset()
+    compiled = inference.optimize_generator(build_generator(ModelConfig(
+        image_size=32, generator_channels=8)).eval(), compile=True)
+    compiled.load_state_dict(generator.state_dict())
+    for a, b in zip(translate(generator, arrays), translate(compiled, arrays)):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_overlapped_file_work_and_batching_write_the_same_pngs(tmp_path, tiny_checkpoint):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rng = np.random.default_rng(1)
+    for k in range(5):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            inputs / f"{k}.png")
+    checkpoint = tiny_checkpoint(image_size=32)
+    outputs = {}
+    for name, flags in {"serial": ["--io_threads", "0", "--batch_size", "1"],
+                        "overlapped": ["--io_threads", "2", "--batch_size", "2",
+                                       "--png_compression", "1"]}.items():
+        inference.main(["--input_dir", str(inputs), "--output_dir", str(tmp_path / name),
+                        "--model_path", str(checkpoint), "--input_layout", "labels", *flags])
+        outputs[name] = {p.name: np.asarray(Image.open(p))
+                         for p in sorted((tmp_path / name).glob("*.png"))}
+    assert list(outputs["serial"]) == [f"{k}.png" for k in range(5)]
+    assert outputs["serial"].keys() == outputs["overlapped"].keys()
+    for key, array in outputs["serial"].items():
+        assert np.array_equal(array, outputs["overlapped"][key])
+
+
+def test_a_failed_read_is_reported_and_the_rest_is_written(tmp_path, tiny_checkpoint, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * k, np.uint8)).save(inputs / f"{k}.png")
+    (inputs / "1.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as stopped:
+        inference.main(["--input_dir", str(inputs), "--output_dir", str(tmp_path / "out"),
+                        "--model_path", str(tiny_checkpoint(image_size=32)),
+                        "--input_layout", "labels", "--batch_size", "2"])
+    assert stopped.value.code == 1
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["0.png", "2.png"]
+    assert "1.png" in capsys.readouterr().err
+
+
+# --- The benchmark --------------------------------------------------------------------------
+
+def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
+    output = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmark.py"), "--configs", "fp32,bf16+fused+cl+data",
+         "--image_size", "32", "--channels", "8", "--batch_sizes", "2",
+         "--infer_batch_sizes", "1", "--steps", "1", "--warmup_steps", "1", "--repeats", "1",
+         "--infer_images", "3", "--device", "cpu", "--output", str(output)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(output.read_text())
+    assert results["flops"]["train_step"]["2"] > 0 and results["flops"]["generator_forward"] > 0
+    for part in ("train", "inference", "forward"):
+        rows = {row["config"]: row for row in results[part]}
+        assert set(rows) == {"fp32", "bf16+fused+cl+data"}
+        assert all(row["img_s"]["median"] > 0 and row["gflop_s"] > 0 for row in rows.values())
+    assert results["train"][0]["x_plain"] == 1.0
+    assert results["train"][0]["peak_mib"]["median"] > 0
+    assert len(results["loader"]) == 2
+    assert "Training: train.py at steady state" in done.stdout
+
+
+def test_benchmark_rejects_an_unknown_option():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--configs", "fp32+fast",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode != 0
+    assert "unknown option 'fast'" in done.stderr and "Traceback" not in done.stderr
