@@ -671,7 +671,7 @@ def parse(argv=None):
                         f"(options: {', '.join(OPTIONS)}; default on the CPU: "
                         f"{DEFAULT_CONFIGS['cpu']})")
     parser.add_argument("--batch_sizes", help="training batch sizes (CPU 1,4; CUDA 16,64)")
-    parser.add_argument("--infer_batch_sizes", help="inference batch sizes (CPU 1,8)")
+    parser.add_argument("--infer_batch_sizes", help="inference batch sizes (CPU 1,8; CUDA 1,8,64)")
     parser.add_argument("--image_size", type=int, help="training and inference size (256)")
     parser.add_argument("--channels", type=int, default=64,
                         help="width of both networks' first layer (64: the default model)")
