@@ -237,3 +237,33 @@ def run_in_process(main, argv, capsys):
         status = e.code
     out, err = capsys.readouterr()
     return status, out, err
+
+
+# --- Simulated write failures ---------------------------------------------------------------
+
+class FailingFile:
+    """The temporary file, failing with `error` once `limit` bytes (or characters) have been
+    written; the bytes up to the limit do reach the file, as when a process dies mid-write."""
+
+    def __init__(self, file, limit, error, at_failure):
+        self.file, self.limit, self.error, self.at_failure = file, limit, error, at_failure
+        self.written = 0
+
+    def write(self, data):
+        room = self.limit - self.written
+        if len(data) > room:
+            self.file.write(data[:room])
+            self.file.flush()
+            self.at_failure()
+            raise self.error
+        self.written += len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.file.__exit__(*exc_info)

@@ -26,7 +26,7 @@ from config import TrainConfig
 from training_state import RunLog
 from utils import UserError, load_checkpoint, save_checkpoint, save_json
 
-from conftest import finish, run_in_process, start_script, tiny_config
+from conftest import FailingFile, finish, run_in_process, start_script, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,34 +61,6 @@ def temp_files(folder):
 
 class Crash(BaseException):
     """A simulated crash: not an Exception, so nothing on the way mistakes it for an error."""
-
-
-class FailingFile:
-    """The temporary file, failing with `error` once `limit` bytes (or characters) have been
-    written; the bytes up to the limit do reach the file, as when a process dies mid-write."""
-
-    def __init__(self, file, limit, error, at_failure):
-        self.file, self.limit, self.error, self.at_failure = file, limit, error, at_failure
-        self.written = 0
-
-    def write(self, data):
-        room = self.limit - self.written
-        if len(data) > room:
-            self.file.write(data[:room])
-            self.file.flush()
-            self.at_failure()
-            raise self.error
-        self.written += len(data)
-        return self.file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        return self.file.__exit__(*exc_info)
 
 
 class PatchedOs:

@@ -23,7 +23,8 @@ from cityscapes import COLORS
 from dataset import PairDataset, find_pairs, off_palette_pixels, read_rgb
 from utils import UserError
 
-from conftest import draw_label_map, draw_photo, run_in_process, save_image, write_dataset
+from conftest import (FailingFile, draw_label_map, draw_photo, run_in_process, save_image,
+                      write_dataset)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -288,26 +289,11 @@ def fill_the_disk_after(monkeypatch, files):
     """The writes of the first `files` files succeed; then every write fails with ENOSPC."""
     opened = []
 
-    class FullDisk:
-        def __init__(self, file):
-            self.file = file
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc_info):
-            return self.file.__exit__(*exc_info)
-
     def fdopen(fd, mode):
         opened.append(fd)
         file = os.fdopen(fd, mode)
-        return file if len(opened) <= files else FullDisk(file)
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return file if len(opened) <= files else FailingFile(file, 0, full, lambda: None)
 
     monkeypatch.setattr(utils, "os", PatchedOs(fdopen=fdopen))
 
