@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmark_report import print_tables, report
 from benchmark_runs import run_child, train_steps
 
 REPO = Path(__file__).resolve().parent
@@ -52,7 +53,7 @@ OPTIONS = {
     # shared with other jobs, a spinning thread keeps the core its partner needs.
     "passive": {"train": [], "inference": [], "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
 }
-PLAIN_TRAIN = ["--cache", "off", "--num_workers", "0"]
+PLAIN_TRAIN = ["--cache", "off", "--num_workers", "0", "--no_fused_adam"]
 PLAIN_INFERENCE = ["--io_threads", "0"]
 
 DEFAULT_CONFIGS = {
@@ -64,19 +65,6 @@ DEFAULT_CONFIGS = {
 }
 QUICK_CONFIGS = "fp32,fp32+fused+cl+data,bf16+fused+cl+data"
 EQUIVALENCE_CONFIGS = "fp32,fp32+fused+cl,bf16,bf16+fused+cl,bf16+fused+cl+compile"
-
-# Dense peak TFLOP/s from the vendors' data sheets; --peak_tflops overrides. The first key
-# found in the GPU's name wins, so the specific names come first.
-PEAK_TFLOPS = {
-    "H100 PCIe": {"fp32": 51.2, "tf32": 378, "bf16": 756, "fp16": 756},
-    "H100": {"fp32": 66.9, "tf32": 495, "bf16": 989, "fp16": 989},
-    "H200": {"fp32": 66.9, "tf32": 495, "bf16": 989, "fp16": 989},
-    "A100": {"fp32": 19.5, "tf32": 156, "bf16": 312, "fp16": 312},
-    "L40S": {"fp32": 91.6, "tf32": 183, "bf16": 362, "fp16": 362},
-    "L4": {"fp32": 30.3, "tf32": 60, "bf16": 121, "fp16": 121},
-    "A10": {"fp32": 31.2, "tf32": 62.5, "bf16": 125, "fp16": 125},
-}
-
 
 def parse_config(name):
     """'bf16+cl' -> (train.py flags, inference.py flags or None, environment)."""
@@ -114,25 +102,6 @@ def machine_info(device):
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def peak_tflops(args, info, config_name):
-    """The peak FLOP/s that MFU divides by, for this configuration's precision; None if unknown."""
-    if args.peak_tflops:
-        return args.peak_tflops
-    precision = next((p for p in ("tf32", "bf16", "fp16") if p in config_name.split("+")), "fp32")
-    for name, peaks in PEAK_TFLOPS.items():
-        if name in info.get("gpu", ""):
-            return peaks[precision]
-    return None
-
-
-def summarize(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": values}
 
 
 def prepare_inputs(args, workdir):
@@ -176,6 +145,22 @@ def measure_train(args, workdir, name, batch_size, rep, env):
             "first_step_s": first, "wall_s": result["wall_s"],
             "peak_mib": result["tree_peak_rss_mib"], "main_maxrss_mib": result["maxrss_mib"],
             "cuda_peak_mib": result.get("cuda_peak_mib")}
+
+
+def measure_profile(args, workdir, name, env):
+    """Seconds per training step in convolutions, in the optimisers and in the rest, at the
+    largest batch size (under torch.profiler, so slightly slower than measure_train's)."""
+    batch_size = max(args.batch_sizes)
+    run = workdir / "runs" / f"profile_{slug(name)}_b{batch_size}"
+    flags, _, config_env = parse_config(name)
+    argv = train_argv(args, workdir, run, flags) + [
+        "--batch_size", str(batch_size), "--max_steps", str(args.warmup_steps + args.steps + 1)]
+    spec = {"argv": argv, "device": args.device, "warmup_steps": args.warmup_steps,
+            "steps": args.steps}
+    result = run_child("profile", spec, run, {**env, **config_env})["profile"]
+    steps, _ = train_steps(run / "log.json", args.warmup_steps)
+    remove_tree(run / "checkpoints")
+    return result and {**result, "step_s": statistics.mean(steps[:args.steps])}
 
 
 def measure_loader(args, workdir, name, rep):
@@ -235,7 +220,7 @@ def run_benchmark(args, workdir):
     (flops_run / "checkpoints" / "generator.pth").replace(workdir / "generator.pth")
     remove_tree(flops_run / "checkpoints")
     measured = {part: unique_configs(args.configs, part) for part in args.parts}
-    raw = {"train": {}, "loader": {}, "inference": {}, "forward": {}}
+    raw = {"train": {}, "loader": {}, "inference": {}, "forward": {}, "profile": {}}
     for rep in range(args.repeats):
         print(f"repetition {rep + 1}/{args.repeats}", flush=True)
         for name in measured.get("train", []):
@@ -244,6 +229,8 @@ def run_benchmark(args, workdir):
                 raw["train"].setdefault((name, batch_size), []).append(result)
                 print(f"  train {name:<32} batch {batch_size:<3} {result['img_s']:8.2f} img/s",
                       flush=True)
+        for name in measured.get("profile", []) if rep == 0 else []:  # one run: shares
+            raw["profile"][name] = measure_profile(args, workdir, name, env)
         for name in measured.get("loader", []):
             for batch_size, img_s in measure_loader(args, workdir, name, rep).items():
                 raw["loader"].setdefault((name, int(batch_size)), []).append(img_s)
@@ -259,14 +246,16 @@ def run_benchmark(args, workdir):
             "same_as": {part: {name: first for name in args.configs
                                if (first := measured_as(args.configs, part, name)) != name}
                         for part in measured},
-            **report(args, info, raw, flops)}
+            **report(args, info, raw, flops,
+                     {name: measured_as(args.configs, "loader", name) for name in args.configs},
+                     {name: loader_options(name) for name in args.configs})}
 
 
 def measurement_key(part, name):
     """What a part's figure depends on (None: the part does not apply); configurations with
     the same key are measured once (fused Adam, say, changes nothing in inference)."""
     train_flags, inference_flags, env = parse_config(name)
-    if part == "train":
+    if part in ("train", "profile"):
         key = train_flags
     elif part == "loader":
         config = as_config_dict(train_flags)
@@ -276,6 +265,11 @@ def measurement_key(part, name):
     else:  # the bare forward: precision, memory format, compile
         key = sorted(set(name.split("+")) & {"bf16", "fp16", "cl", "compile"})
     return None if key is None else (tuple(key), tuple(sorted(env.items())))
+
+
+def loader_options(name):
+    config = as_config_dict(parse_config(name)[0])
+    return config.get("cache"), config.get("num_workers")
 
 
 def measured_as(configs, part, name):
@@ -291,109 +285,6 @@ def unique_configs(configs, part):
 
 def settings_of(args):
     return {k: v for k, v in vars(args).items() if k not in ("output", "workdir")}
-
-
-def report(args, info, raw, flops):
-    """Rows per (part, configuration, batch size): medians, spreads, ratios to the plain fp32."""
-    base = args.configs[0]
-    rows = {"train": [], "loader": [], "inference": [], "forward": []}
-    for (name, batch_size), runs in raw["train"].items():
-        step_s = statistics.median(r["step_s"] for r in runs)
-        plain = raw["train"].get((base, batch_size))
-        loader = raw["loader"].get((measured_as(args.configs, "loader", name), batch_size))
-        gflop_s = flops["train_step"][batch_size] / step_s / 1e9
-        peak = peak_tflops(args, info, name)
-        img_s = summarize([r["img_s"] for r in runs])
-        rows["train"].append({
-            "config": name, "batch_size": batch_size, "img_s": img_s,
-            "x_plain": img_s["median"] / statistics.median(r["img_s"] for r in plain)
-            if plain else None,
-            "gflop_s": gflop_s, "mfu": gflop_s / (peak * 1e3) if peak else None,
-            "first_step_s": summarize([r["first_step_s"] for r in runs]),
-            "wall_s": summarize([r["wall_s"] for r in runs]),
-            "peak_mib": summarize([r["peak_mib"] for r in runs]),
-            "main_maxrss_mib": summarize([r["main_maxrss_mib"] for r in runs]),
-            "cuda_peak_mib": summarize([r["cuda_peak_mib"] for r in runs]),
-            "loader_img_s": statistics.median(loader) if loader else None,
-            "loader_headroom": statistics.median(loader) / img_s["median"] if loader else None})
-    for (name, batch_size), values in raw["loader"].items():
-        config = as_config_dict(parse_config(name)[0])
-        rows["loader"].append({"config": name, "cache": config.get("cache"),
-                               "num_workers": config.get("num_workers"),
-                               "batch_size": batch_size, "img_s": summarize(values)})
-    forward_flops = flops["generator_forward"]
-    for part in ("inference", "forward"):
-        plain = raw[part].get((base, 1))
-        for (name, batch_size), runs in raw[part].items():
-            rates = [r["img_s"] if part == "inference" else batch_size / r["seconds"]
-                     for r in runs]
-            img_s = summarize(rates)
-            peak = peak_tflops(args, info, name)
-            row = {"config": name, "batch_size": batch_size, "img_s": img_s,
-                   "x_plain_batch1": img_s["median"] / statistics.median(
-                       r["img_s"] if part == "inference" else 1 / r["seconds"] for r in plain)
-                   if plain else None,
-                   "gflop_s": forward_flops * img_s["median"] / 1e9,
-                   "maxrss_mib": summarize([r["maxrss_mib"] for r in runs]),
-                   "cuda_peak_mib": summarize([r.get("cuda_peak_mib") for r in runs])}
-            row["mfu"] = row["gflop_s"] / (peak * 1e3) if peak else None
-            row.update({"wall_s": summarize([r["wall_s"] for r in runs])} if part == "inference"
-                       else {"first_call_s": summarize([r["first_s"] for r in runs])})
-            rows[part].append(row)
-    return rows
-
-
-TABLES = {  # part -> (title, [(column, row key)])
-    "train": ("Training: train.py at steady state", [
-        ("img/s", "img_s"), ("x plain", "x_plain"), ("GFLOP/s", "gflop_s"), ("MFU", "mfu"),
-        ("1st step s", "first_step_s"), ("RSS MiB", "main_maxrss_mib"),
-        ("tree MiB", "peak_mib"), ("GPU MiB", "cuda_peak_mib"), ("loader x", "loader_headroom")]),
-    "inference": ("Folder inference: inference.py (decode, translate, write PNGs)", [
-        ("img/s", "img_s"), ("x fp32 b1", "x_plain_batch1"), ("GFLOP/s", "gflop_s"),
-        ("MFU", "mfu"), ("wall s", "wall_s"), ("RSS MiB", "maxrss_mib"),
-        ("GPU MiB", "cuda_peak_mib")]),
-    "forward": ("Bare generator forward", [
-        ("img/s", "img_s"), ("x fp32 b1", "x_plain_batch1"), ("GFLOP/s", "gflop_s"),
-        ("MFU", "mfu"), ("1st call s", "first_call_s"), ("RSS MiB", "maxrss_mib"),
-        ("GPU MiB", "cuda_peak_mib")]),
-}
-
-
-def print_tables(results):
-    info = results["machine"]
-    print(f"\n{info.get('gpu') or info.get('cpu')} ({info['cores']} cores, torch "
-          f"{info['torch']}); median [min-max] of {results['settings']['repeats']} runs")
-    for part, (title, columns) in TABLES.items():
-        if not results[part]:
-            continue
-        print(f"\n{title}\n{'config':<32}{'batch':>6}" + "".join(
-            f"{name:>24}" if key == "img_s" else f"{name:>11}" for name, key in columns))
-        for row in results[part]:
-            print(f"{row['config']:<32}{row['batch_size']:>6}" + "".join(
-                f"{cell(row.get(key), spread=True):>24}" if key == "img_s" else
-                f"{cell(row.get(key)):>11}" for _, key in columns))
-    if results["loader"]:
-        print("\nTraining loader alone (img/s; 'loader x' above: loader img/s / step img/s)")
-        for row in results["loader"]:
-            print(f"{row['config']:<32}{row['batch_size']:>6}{cell(row['img_s'], True):>24}"
-                  f"   cache {row['cache']}, workers {row['num_workers']}")
-    for part, same in results.get("same_as", {}).items():
-        for name, first in same.items():
-            print(f"{part}: {name} " + (f"is measured as {first}" if first else "n/a"))
-
-
-def cell(value, spread=False):
-    if value is None:
-        return "-"
-    if isinstance(value, dict):
-        if spread:
-            return f"{number(value['median'])} [{number(value['min'])}-{number(value['max'])}]"
-        value = value["median"]
-    return number(value)
-
-
-def number(value):
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 # --- Equivalence: does each option train to the same quality? ------------------------------------
@@ -445,6 +336,7 @@ DEFAULTS = {
              "infer_batch_sizes": "1,8,64", "image_size": 256, "steps": 20, "warmup_steps": 5,
              "repeats": 3, "infer_images": 256},
 }
+PARTS = ("train", "profile", "loader", "inference", "forward")
 QUICK = {"configs": QUICK_CONFIGS, "batch_sizes": "4", "image_size": 64, "steps": 4,
          "warmup_steps": 2, "repeats": 2, "infer_images": 32}
 
@@ -463,7 +355,7 @@ def parse(argv=None):
     parser.add_argument("--warmup_steps", type=int, help="training steps left out of timing")
     parser.add_argument("--repeats", type=int, help="runs of each measurement (interleaved)")
     parser.add_argument("--infer_images", type=int, help="images in the translated folder")
-    parser.add_argument("--parts", default="train,loader,inference,forward",
+    parser.add_argument("--parts", default="train,profile,loader,inference,forward",
                         help="which measurements (comma-separated)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--peak_tflops", type=float, default=None,
@@ -492,10 +384,10 @@ def parse(argv=None):
     args.batch_sizes = sorted(int(b) for b in args.batch_sizes.split(","))
     args.infer_batch_sizes = sorted(int(b) for b in args.infer_batch_sizes.split(","))
     args.parts = [p.strip() for p in args.parts.split(",")]
-    unknown = set(args.parts) - {"train", "loader", "inference", "forward"}
+    unknown = set(args.parts) - set(PARTS)
     if unknown:
-        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from train, "
-                     "loader, inference, forward")
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(PARTS)}")
     if min(args.batch_sizes + args.infer_batch_sizes + [args.steps, args.repeats]) < 1 or \
             args.warmup_steps < 1 or args.infer_images < 2:
         parser.error("batch sizes, --steps, --repeats, --warmup_steps must be >= 1, "

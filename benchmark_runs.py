@@ -123,7 +123,51 @@ def child_flops(spec):
     return {"train_step": steps, "generator_forward": counter.get_total_flops()}
 
 
-CHILDREN = {"train": child_train, "loader": child_loader, "forward": child_forward,
+def child_profile(spec):
+    """Where the time of a training step goes: train.py under torch.profiler for the steps after
+    the warm-up; convolutions (self time of every convolution op, forward and backward), the
+    optimiser steps (with everything they call), and the rest, in seconds per step."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    import train
+    device = torch.device(spec["device"])
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    warmup, steps = spec["warmup_steps"], spec["steps"]
+    calls = itertools.count(1)
+    with profile(activities=activities, schedule=schedule(
+            wait=warmup - 1, warmup=1, active=steps, repeat=1)) as profiler:
+        # A training step ends with the second optimiser step (D's, then G's).
+        handle = register_optimizer_step_post_hook(
+            lambda *_: next(calls) % 2 == 0 and profiler.step())
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                train.main(spec["argv"])
+        finally:
+            handle.remove()
+    # An fp16 step skipped by the gradient scaler calls no optimiser: the window then starts a
+    # step later (benchmark.py runs a spare step); a window never closed reports nothing.
+    events = profiler.key_averages() if profiler.step_num >= warmup + steps else []
+    return {"profile": time_by_kind(events, device.type == "cuda", steps) if events else None}
+
+
+def time_by_kind(events, on_gpu, steps):
+    """Seconds per step in convolutions and in optimiser steps (GPU time on a GPU)."""
+    seconds = {"convolution_s": 0.0, "optimizer_s": 0.0}
+    for event in events:
+        if "conv" in event.key:  # aten::convolution_backward, mkldnn/cudnn convolutions...
+            seconds["convolution_s"] += (event.self_device_time_total if on_gpu
+                                         else event.self_cpu_time_total) / 1e6 / steps
+        elif event.key.startswith("Optimizer.step#"):
+            seconds["optimizer_s"] += (event.device_time_total if on_gpu
+                                       else event.cpu_time_total) / 1e6 / steps
+    return seconds
+
+
+CHILDREN = {"train": child_train, "profile": child_profile, "loader": child_loader, "forward": child_forward,
             "inference": child_inference, "flops": child_flops}
 
 

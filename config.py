@@ -61,8 +61,8 @@ class TrainConfig:
                             PRECISIONS)
     channels_last: bool = option(False, "channels-last memory format")
     compile: bool = option(False, "torch.compile both networks")
-    fused_adam: bool = option(False, "Adam's fused kernel (CPU, CUDA): the same update in one "
-                              "pass over the parameters")
+    fused_adam: bool = option(True, "Adam's fused kernel (CPU, CUDA): the same update in one "
+                              "pass over the parameters (--no_fused_adam: PyTorch's default)")
     sync_batchnorm: bool = option(False, "torchrun on CUDA: batch statistics over all processes")
     # Outputs.
     checkpoint_dir: str = option("./checkpoints", "where generator.pth and latest.pth go")
@@ -165,6 +165,8 @@ def build_parser(description):
             if default:
                 parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
                                     help=f"turn off: {f.metadata['help']}")
+                # The on switch too, for commands written when it was off by default.
+                parser.add_argument(f"--{f.name}", action="store_true", help=argparse.SUPPRESS)
             else:
                 parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
                 # The off switch too, e.g. to resume a --sync_batchnorm run on a CPU.

@@ -189,9 +189,9 @@ def _train(config, runtime, resume_from):
                     d_loss, d_real, d_fake = discriminator_loss(
                         discriminator_step(source, target),
                         discriminator_step(source, fake.detach()), config.gan_loss)
-                optimizers[1].zero_grad(set_to_none=True)
                 scaler.scale(d_loss).backward()
                 scaler.step(optimizers[1])
+                optimizers[1].zero_grad(set_to_none=True)  # freed now, not kept for a step
 
                 # Update generator through the frozen discriminator (no D gradients, no sync).
                 discriminator.requires_grad_(False)
@@ -199,10 +199,10 @@ def _train(config, runtime, resume_from):
                     g_loss, g_adv, g_l1 = generator_loss(
                         discriminator_frozen(source, fake), fake, target, config.lambda_l1,
                         config.gan_loss)
-                optimizers[0].zero_grad(set_to_none=True)
                 scaler.scale(g_loss).backward()
                 scaler.step(optimizers[0])
                 scaler.update()
+                optimizers[0].zero_grad(set_to_none=True)
 
                 # Bookkeeping: log, samples, checkpoints, stop requests.
                 state["step"] += 1

@@ -60,7 +60,7 @@ def assert_close_losses(a, b, rel):
 
 @pytest.fixture(scope="module")
 def fp32_run(tmp_path_factory, demo_set):
-    return run_tiny(tmp_path_factory.mktemp("fp32"), demo_set, "fp32")
+    return run_tiny(tmp_path_factory.mktemp("fp32"), demo_set, "fp32", fused_adam=False)
 
 
 def test_bf16_autocast_on_cpu_trains_like_fp32(tmp_path, demo_set, fp32_run):
@@ -248,7 +248,14 @@ def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
     assert results["train"][0]["x_plain"] == 1.0
     assert results["train"][0]["peak_mib"]["median"] > 0
     assert len(results["loader"]) == 2
+    profile = {row["config"]: row for row in results["profile"]}
+    assert set(profile) == {"fp32", "bf16+fused+cl+data"}
+    for row in profile.values():  # convolutions and Adam both found, within the step's time
+        assert 0 < row["convolution_share"] < 1 and 0 < row["optimizer_share"] < 1
+        assert row["convolution_s"] + row["optimizer_s"] < row["step_s"]
+        assert row["ceiling_x_plain"] > 0
     assert "Training: train.py at steady state" in done.stdout
+    assert "Where a training step's time goes" in done.stdout
 
 
 def test_benchmark_rejects_an_unknown_option():
