@@ -7,8 +7,9 @@
     python benchmark.py --device cuda              # on a GPU: batch 16 and 64, MFU, loader headroom
 
 A configuration is option names joined by "+" (`bf16+fused+cl+data`). `fp32` alone is the plain
-baseline: fp32, eager, NCHW, PyTorch's default Adam, every image decoded in the training process
-each time it is used, and inference one image after another with no overlapped file work.
+baseline: fp32, eager, NCHW, PyTorch's default (multi-tensor) Adam stepped after backward, every
+image decoded in the training process each time it is used, and inference one image after
+another with no overlapped file work. `inbwd` is --step_in_backward.
 
 Every measurement runs in a subprocess of its own (so its peak memory is its own, loader workers
 included), configurations take turns (A B C A B C ...) so that a changing load on the machine hits
@@ -46,6 +47,7 @@ OPTIONS = {
     "cl": {"train": ["--channels_last"], "inference": ["--channels_last"]},
     "compile": {"train": ["--compile"], "inference": ["--compile"]},
     "fused": {"train": ["--fused_adam"], "inference": []},
+    "inbwd": {"train": ["--step_in_backward"], "inference": []},
     "data": {"train": ["--cache", "auto", "--num_workers", "-1"],
              "inference": ["--io_threads", "2"]},
     "png1": {"train": [], "inference": ["--png_compression", "1"]},
@@ -53,17 +55,18 @@ OPTIONS = {
     # shared with other jobs, a spinning thread keeps the core its partner needs.
     "passive": {"train": [], "inference": [], "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
 }
-PLAIN_TRAIN = ["--cache", "off", "--num_workers", "0", "--no_fused_adam"]
+PLAIN_TRAIN = ["--cache", "off", "--num_workers", "0", "--no_fused_adam",
+               "--no_step_in_backward"]
 PLAIN_INFERENCE = ["--io_threads", "0"]
 
 DEFAULT_CONFIGS = {
-    "cpu": "fp32,fp32+fused,fp32+cl,fp32+data,fp32+compile,fp32+fused+cl+data,"
-           "fp32+fused+cl+data+compile,bf16,bf16+fused+cl+data,bf16+fused+cl+data+compile,"
-           "bf16+fused+cl+data+compile+png1",
-    "cuda": "fp32,fp32+fused+data,tf32+fused+data,bf16+fused+data,fp16+fused+data,"
-            "bf16+fused+cl+data,bf16+fused+cl+data+compile",
+    "cpu": "fp32,fp32+fused,fp32+inbwd,fp32+cl,fp32+data,fp32+compile,fp32+fused+inbwd+cl+data,"
+           "fp32+fused+inbwd+cl+data+compile,bf16,bf16+fused+inbwd+cl+data,"
+           "bf16+fused+inbwd+cl+data+compile,bf16+fused+inbwd+cl+data+compile+png1",
+    "cuda": "fp32,fp32+fused+inbwd+data,tf32+fused+inbwd+data,bf16+fused+inbwd+data,"
+            "fp16+fused+data,bf16+fused+inbwd+cl+data,bf16+fused+inbwd+cl+data+compile",
 }
-QUICK_CONFIGS = "fp32,fp32+fused+cl+data,bf16+fused+cl+data"
+QUICK_CONFIGS = "fp32,fp32+fused+inbwd+cl+data,bf16+fused+inbwd+cl+data"
 EQUIVALENCE_CONFIGS = "fp32,fp32+fused+cl,bf16,bf16+fused+cl,bf16+fused+cl+compile"
 
 def parse_config(name):

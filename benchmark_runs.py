@@ -137,12 +137,19 @@ def child_profile(spec):
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     warmup, steps = spec["warmup_steps"], spec["steps"]
-    calls = itertools.count(1)
+    first = []
+
+    def on_optimizer_step(optimizer, *_):
+        # The discriminator's optimiser steps once per training step, and first (the
+        # generator's may step once per parameter: --step_in_backward).
+        if not first:
+            first.append(optimizer)
+        if optimizer is first[0]:
+            profiler.step()
+
     with profile(activities=activities, schedule=schedule(
             wait=warmup - 1, warmup=1, active=steps, repeat=1)) as profiler:
-        # A training step ends with the second optimiser step (D's, then G's).
-        handle = register_optimizer_step_post_hook(
-            lambda *_: next(calls) % 2 == 0 and profiler.step())
+        handle = register_optimizer_step_post_hook(on_optimizer_step)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 train.main(spec["argv"])

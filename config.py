@@ -63,6 +63,9 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile both networks")
     fused_adam: bool = option(True, "Adam's fused kernel (CPU, CUDA): the same update in one "
                               "pass over the parameters (--no_fused_adam: PyTorch's default)")
+    step_in_backward: bool = option(True, "update each generator weight as soon as backward has "
+                                    "its gradient, then free it: the same update, less memory "
+                                    "(one process; not with fp16)")
     sync_batchnorm: bool = option(False, "torchrun on CUDA: batch statistics over all processes")
     # Outputs.
     checkpoint_dir: str = option("./checkpoints", "where generator.pth and latest.pth go")
@@ -150,7 +153,8 @@ RESUMABLE_OVERRIDES = {
     "epochs", "decay_epochs", "max_steps", "device", "num_workers", "cache", "precision",
     "channels_last", "compile", "checkpoint_dir", "log_file", "sample_dir", "log_every_steps",
     "sample_every_steps", "checkpoint_every_steps", "snapshot_every_epochs",
-    "val_every_epochs", "fid_every_epochs", "data_dir", "sync_batchnorm",
+    "val_every_epochs", "fid_every_epochs", "data_dir", "sync_batchnorm", "fused_adam",
+    "step_in_backward",
 }
 
 

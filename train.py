@@ -139,6 +139,7 @@ def _train(config, runtime, resume_from):
         torch.manual_seed(config.seed + 1_000_003 * runtime.rank + state["step"])
     generator_step, discriminator_step, discriminator_frozen = rt.wrap(
         generator, discriminator, config, runtime)
+    generator_steps_in_backward = rt.step_in_backward(generator, optimizers[0], config, runtime)
 
     # Data.
     train_loader, sampler = build_train_loader(config, runtime)
@@ -199,8 +200,9 @@ def _train(config, runtime, resume_from):
                     g_loss, g_adv, g_l1 = generator_loss(
                         discriminator_frozen(source, fake), fake, target, config.lambda_l1,
                         config.gan_loss)
-                scaler.scale(g_loss).backward()
-                scaler.step(optimizers[0])
+                scaler.scale(g_loss).backward()  # with step_in_backward: G updated here
+                if not generator_steps_in_backward:
+                    scaler.step(optimizers[0])
                 scaler.update()
                 optimizers[0].zero_grad(set_to_none=True)
 

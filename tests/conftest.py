@@ -2,6 +2,7 @@
 the scripts as subprocesses. Everything is written under pytest's tmp_path; nothing is
 downloaded."""
 
+import json
 import os
 import subprocess
 import sys
@@ -267,3 +268,27 @@ class FailingFile:
 
     def __exit__(self, *exc_info):
         return self.file.__exit__(*exc_info)
+
+
+# --- Training runs as a user starts them -------------------------------------------------
+
+def cli_flags(config):
+    """The command-line flags of a TrainConfig, for train.py as a subprocess."""
+    flags = []
+    for name, value in config.to_dict().items():
+        if name == "model":
+            continue
+        if isinstance(value, bool):
+            if value != getattr(TrainConfig, name):
+                flags.append(f"--no_{name}" if not value else f"--{name}")
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def logged_steps(log_file):
+    return [entry["step"] for entry in json.loads(Path(log_file).read_text())["steps"]]
+
+
+def temp_files(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp"))

@@ -1,7 +1,7 @@
 """Crash safety: checkpoints and the log are written atomically (faults injected at named points
 of a save, real SIGKILLs of a training process), SIGINT/SIGTERM stop with a resumable
-checkpoint, a resume at any step reproduces the uninterrupted run, NaN never reaches a
-checkpoint, and a checkpoint never runs code."""
+checkpoint, a resume at any step reproduces the uninterrupted run, and a full disk during
+training keeps the last checkpoint. (NaN and Inf: test_non_finite.py.)"""
 
 import contextlib
 import errno
@@ -22,38 +22,15 @@ from PIL import Image
 import inference
 import train
 import utils
-from config import TrainConfig
-from training_state import RunLog
 from utils import UserError, load_checkpoint, save_checkpoint, save_json
 
-from conftest import FailingFile, finish, run_in_process, start_script, tiny_config
+from conftest import (FailingFile, cli_flags, finish, logged_steps, start_script, temp_files,
+                      tiny_config)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS_PER_EPOCH = 4  # 8 training pairs, batch size 2
 TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp")  # utils.atomic_write's
-
-
-def cli_flags(config):
-    """The command-line flags of a TrainConfig, for train.py as a subprocess."""
-    flags = []
-    for name, value in config.to_dict().items():
-        if name == "model":
-            continue
-        if isinstance(value, bool):
-            if value != getattr(TrainConfig, name):
-                flags.append(f"--no_{name}" if not value else f"--{name}")
-        else:
-            flags += [f"--{name}", str(value)]
-    return flags
-
-
-def logged_steps(log_file):
-    return [entry["step"] for entry in json.loads(Path(log_file).read_text())["steps"]]
-
-
-def temp_files(folder):
-    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp"))
 
 
 # --- Faults injected at named points of a save ----------------------------------------------
@@ -373,71 +350,6 @@ def test_resume_at_any_step_reproduces_the_run(tmp_path, demo_set, uninterrupted
     assert [e["epoch"] for e in log["epochs"]] == [0, 1]
     assert log["epochs"][-1]["val_l1"] == pytest.approx(whole_log["epochs"][-1]["val_l1"],
                                                         rel=1e-5)
-
-
-# --- Non-finite losses and weights ----------------------------------------------------------
-
-
-def poison_generator_loss(monkeypatch, at_step, how, at_poison):
-    """From `at_step` on, the generator loss turns NaN ("loss"), or stays finite while its
-    gradient is NaN ("gradient"), so that the update itself writes NaN into the weights."""
-    real = train.generator_loss
-    calls = []
-
-    def generator_loss(fake_logits, fake, target, lambda_l1, kind="bce"):
-        calls.append(1)
-        loss, adversarial, l1 = real(fake_logits, fake, target, lambda_l1, kind)
-        if len(calls) >= at_step:
-            at_poison()
-            if how == "loss":
-                return loss * float("nan"), adversarial * float("nan"), l1
-            # sqrt's derivative at 0 is infinite: a value of 0 with a NaN gradient.
-            return loss + (fake * 0).sqrt().sum(), adversarial, l1
-        return loss, adversarial, l1
-
-    monkeypatch.setattr(train, "generator_loss", generator_loss)
-
-
-@pytest.mark.parametrize("how, message", [
-    ("loss", "step 3: non-finite loss"),
-    ("gradient", "step 3: the generator weights are not finite")])
-def test_non_finite_values_stop_and_keep_the_last_good_checkpoint(tmp_path, demo_set,
-                                                                  monkeypatch, how, message):
-    config = tiny_config(tmp_path, demo_set, epochs=2, checkpoint_every_steps=1)
-    latest = Path(config.checkpoint_dir) / "latest.pth"
-    before = {}
-    poison_generator_loss(monkeypatch, 3, how,
-                          lambda: before.setdefault("bytes", latest.read_bytes()))
-    with pytest.raises(UserError, match=message) as error:
-        train.train(config)
-    assert "last good checkpoint is kept" in str(error.value)
-    assert latest.read_bytes() == before["bytes"]  # step 2's, untouched
-    for name in ("latest.pth", "generator.pth"):
-        checkpoint = load_checkpoint(Path(config.checkpoint_dir) / name)
-        assert checkpoint["step"] == 2
-        assert all(v.isfinite().all() for v in checkpoint["generator"].values()
-                   if v.is_floating_point())
-    assert logged_steps(config.log_file)[-1] <= 3
-    assert temp_files(config.checkpoint_dir) == []
-
-
-def test_non_finite_validation_stops_naming_the_epoch(tmp_path, demo_set):
-    log = RunLog(tiny_config(tmp_path, demo_set), is_main=True)
-    with pytest.raises(UserError, match=r"epoch 3 \(step 12\): non-finite val_l1"):
-        log.add_epoch(2, 12, {"val_l1": float("nan"), "val_psnr": 20.0}, seconds=1.0)
-    assert not Path(log.path).exists()  # nothing written (JSON has no NaN)
-
-
-def test_a_diverging_learning_rate_stops_at_once_naming_the_step(tmp_path, demo_set, capsys,
-                                                                 monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    config = tiny_config(tmp_path, demo_set, epochs=1, checkpoint_every_steps=1, lr=1e30)
-    status, _, stderr = run_in_process(train.main, cli_flags(config), capsys)
-    assert status == 2
-    [line] = [line for line in re.split(r"[\r\n]+", stderr) if line.startswith("error:")]
-    assert re.search(r"step \d+: non-finite loss", line), stderr
-    assert "Traceback" not in stderr
-    assert not (tmp_path / "checkpoints" / "latest.pth").exists()  # no NaN weights written
 
 
 def test_a_full_disk_during_training_stops_and_keeps_the_last_checkpoint(tmp_path, demo_set,

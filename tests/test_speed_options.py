@@ -21,6 +21,7 @@ from config import TrainConfig
 from demo_data import write_demo_dataset
 from loader import build_train_loader, build_val_dataset
 from models import ModelConfig, build_generator
+from utils import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, generator_channels=8, discriminator_channels=8, batch_size=2,
@@ -100,6 +101,42 @@ def test_fused_adam_takes_the_same_steps():
             optimizer.step()
         return torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.allclose(steps(True), steps(False), rtol=1e-5, atol=1e-7)
+
+
+def test_step_in_backward_makes_the_same_updates(tmp_path, demo_set, monkeypatch):
+    """The generator updated parameter by parameter during backward ends where the usual
+    optimizer.step() after backward does: same weights, same Adam state, same losses."""
+    installed, real = [], rt.step_in_backward
+    monkeypatch.setattr(rt, "step_in_backward",
+                        lambda *args: installed.append(real(*args)) or installed[-1])
+    runs = {}
+    for on in (True, False):
+        losses, _ = run_tiny(tmp_path, demo_set, f"in_backward_{on}", step_in_backward=on,
+                             dropout=True)
+        checkpoint = load_checkpoint(tmp_path / f"in_backward_{on}" / "checkpoints" / "latest.pth")
+        runs[on] = losses, checkpoint
+    assert installed == [True, False]
+    assert runs[True][0] == runs[False][0]
+    for name, value in runs[False][1]["generator"].items():
+        assert torch.equal(runs[True][1]["generator"][name], value), name
+    states = [c["generator_optimizer"]["state"] for _, c in (runs[True], runs[False])]
+    assert states[0].keys() == states[1].keys()
+    for key in states[1]:
+        for field, value in states[1][key].items():
+            assert torch.equal(states[0][key][field], value), (key, field)
+
+
+@pytest.mark.parametrize("where", [dict(world_size=2), dict(precision="fp16")])
+def test_step_in_backward_stays_off_under_ddp_and_fp16(where):
+    model = build_generator(ModelConfig(image_size=16, generator_channels=4))
+    config = TrainConfig(**{**TINY, "precision": where.get("precision", "fp32")})
+    runtime = rt.Runtime(device=torch.device("cpu"), world_size=where.get("world_size", 1))
+    optimizer = rt.build_adam(model, config, runtime)
+    assert rt.step_in_backward(model, optimizer, config, runtime) is False
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.rand(2, 3, 16, 16)).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())  # left for optimizer.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_compile_traces_the_training_step(tmp_path, demo_set, fp32_run, monkeypatch):
