@@ -1,7 +1,7 @@
 """Speed of training and inference under each speed option, measured side by side.
 
     python benchmark.py --quick                    # small sizes: a minute or two on 2 CPU cores
-    python benchmark.py                            # default model, 256x256: ~45 min on 2 cores
+    python benchmark.py                            # default model, 256x256: ~40 min on 2 cores
     python benchmark.py --configs fp32,bf16+cl --batch_sizes 4 --repeats 5
     python benchmark.py --equivalence              # fixed-seed demo runs: validation L1 per option
     python benchmark.py --device cuda              # on a GPU: batch 16 and 64, MFU, loader headroom

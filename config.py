@@ -63,7 +63,7 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile both networks")
     fused_adam: bool = option(True, "Adam's fused kernel (CPU, CUDA): the same update in one "
                               "pass over the parameters (--no_fused_adam: PyTorch's default)")
-    step_in_backward: bool = option(True, "update each generator weight as soon as backward has "
+    step_in_backward: bool = option(False, "update each generator weight as soon as backward has "
                                     "its gradient, then free it: the same update, less memory "
                                     "(one process; not with fp16)")
     sync_batchnorm: bool = option(False, "torchrun on CUDA: batch statistics over all processes")
