@@ -174,8 +174,8 @@ def time_by_kind(events, on_gpu, steps):
     return seconds
 
 
-CHILDREN = {"train": child_train, "profile": child_profile, "loader": child_loader, "forward": child_forward,
-            "inference": child_inference, "flops": child_flops}
+CHILDREN = {"train": child_train, "profile": child_profile, "loader": child_loader,
+            "forward": child_forward, "inference": child_inference, "flops": child_flops}
 
 
 def reset_peak(device):

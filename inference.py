@@ -305,7 +305,8 @@ def main(argv=None):
                 try:
                     batch.append(loading.result())
                 except UserError as e:
-                    tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, not the bar's
+                    # On a line of its own, not the progress bar's.
+                    tqdm.write(f"error: {e}", file=sys.stderr)
                     failures += 1
                     continue
                 names.append(target)

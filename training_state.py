@@ -1,10 +1,10 @@
 """What a training run leaves on disk: checkpoints, the JSON loss log, sample grids.
 
 Checkpoint format (a plain dict; loads with torch.load(weights_only=True)):
-  format, version, config (TrainConfig as a dict, with "model"), step, epoch, samples_done (of this epoch,
-  over all processes),
-  generator (state dict); latest.pth adds discriminator, both optimisers, both LR schedulers,
-  the grad scaler, RNG states, the log's running sums and the elapsed seconds.
+  format, version, config (TrainConfig as a dict, with "model"), step, epoch, samples_done
+  (of this epoch, over all processes), generator (state dict); latest.pth adds discriminator,
+  both optimisers, both LR schedulers, the grad scaler, RNG states, the log's running sums and
+  the elapsed seconds.
 """
 
 import json

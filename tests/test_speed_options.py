@@ -132,7 +132,8 @@ def test_no_gradient_outlives_its_optimizer_step(tmp_path, demo_set, monkeypatch
     """Gradients are freed as soon as their update is made, not kept through the next step's
     forward passes (where they would add the generator's 218 MB to the peak)."""
     networks, real = [], rt.wrap
-    monkeypatch.setattr(rt, "wrap", lambda g, d, *args: networks.extend([g, d]) or real(g, d, *args))
+    monkeypatch.setattr(rt, "wrap",
+                        lambda g, d, *args: networks.extend([g, d]) or real(g, d, *args))
     grads_at_forward = []
     monkeypatch.setattr(train, "discriminator_loss", lambda *args: grads_at_forward.append(
         [p.grad is not None for net in networks for p in net.parameters()]) or
