@@ -33,56 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmark_configs import (DEFAULT_CONFIGS, EQUIVALENCE_CONFIGS, OPTIONS, PLAIN_TRAIN,
+                               QUICK_CONFIGS, as_config_dict, loader_options, measured_as,
+                               parse_config, slug, unique_configs)
 from benchmark_report import print_tables, report
 from benchmark_runs import run_child, train_steps
 
 REPO = Path(__file__).resolve().parent
-
-# Option -> flags of train.py and of inference.py (None: not available there), and environment.
-OPTIONS = {
-    "fp32": {"train": [], "inference": []},
-    "tf32": {"train": ["--precision", "tf32"], "inference": None},
-    "bf16": {"train": ["--precision", "bf16"], "inference": ["--precision", "bf16"]},
-    "fp16": {"train": ["--precision", "fp16"], "inference": ["--precision", "fp16"]},
-    "cl": {"train": ["--channels_last"], "inference": ["--channels_last"]},
-    "compile": {"train": ["--compile"], "inference": ["--compile"]},
-    "fused": {"train": ["--fused_adam"], "inference": []},
-    "inbwd": {"train": ["--step_in_backward"], "inference": []},
-    "data": {"train": ["--cache", "auto", "--num_workers", "-1"],
-             "inference": ["--io_threads", "2"]},
-    "png1": {"train": [], "inference": ["--png_compression", "1"]},
-    # OpenMP threads that wait at a barrier sleep at once instead of spinning: on a machine
-    # shared with other jobs, a spinning thread keeps the core its partner needs.
-    "passive": {"train": [], "inference": [], "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
-}
-PLAIN_TRAIN = ["--cache", "off", "--num_workers", "0", "--no_fused_adam",
-               "--no_step_in_backward"]
-PLAIN_INFERENCE = ["--io_threads", "0"]
-
-DEFAULT_CONFIGS = {
-    "cpu": "fp32,fp32+fused,fp32+inbwd,fp32+cl,fp32+data,fp32+compile,fp32+fused+inbwd+cl+data,"
-           "fp32+fused+inbwd+cl+data+compile,bf16,bf16+fused+inbwd+cl+data,"
-           "bf16+fused+inbwd+cl+data+compile,bf16+fused+inbwd+cl+data+compile+png1",
-    "cuda": "fp32,fp32+fused+inbwd+data,tf32+fused+inbwd+data,bf16+fused+inbwd+data,"
-            "fp16+fused+data,bf16+fused+inbwd+cl+data,bf16+fused+inbwd+cl+data+compile",
-}
-QUICK_CONFIGS = "fp32,fp32+fused+inbwd+cl+data,bf16+fused+inbwd+cl+data"
-EQUIVALENCE_CONFIGS = "fp32,fp32+fused+cl,bf16,bf16+fused+cl,bf16+fused+cl+compile"
-
-def parse_config(name):
-    """'bf16+cl' -> (train.py flags, inference.py flags or None, environment)."""
-    train_flags, inference_flags, env = list(PLAIN_TRAIN), list(PLAIN_INFERENCE), {}
-    for option in name.split("+"):
-        if option not in OPTIONS:
-            raise SystemExit(f"error: --configs: unknown option {option!r} in {name!r}; "
-                             f"choose from {', '.join(OPTIONS)}")
-        parts = OPTIONS[option]
-        train_flags += parts["train"]
-        inference_flags = None if parts["inference"] is None or inference_flags is None else \
-            inference_flags + parts["inference"]
-        env.update(parts.get("env", {}))
-    return train_flags, inference_flags, env
-
 
 
 # --- The benchmark --------------------------------------------------------------------------------
@@ -130,22 +87,25 @@ def train_argv(args, workdir, run, flags):
             "--sample_dir", str(run / "samples"), *flags]
 
 
-def as_config_dict(flags):
-    from config import build_parser
-    return vars(build_parser("").parse_args(flags))
-
-
-def measure_train(args, workdir, name, batch_size, rep, env):
-    run = workdir / "runs" / f"train_{slug(name)}_b{batch_size}_r{rep}"
+def run_training(args, workdir, kind, name, batch_size, tag, env, extra_steps=0, **spec):
+    """train.py through the `kind` child ("train" or "profile") for warm-up + timed steps;
+    returns (the child's result, seconds of each step after the warm-up)."""
+    run = workdir / "runs" / f"{kind}_{slug(name)}_b{batch_size}{tag}"
     flags, _, config_env = parse_config(name)
     argv = train_argv(args, workdir, run, flags) + [
-        "--batch_size", str(batch_size), "--max_steps", str(args.warmup_steps + args.steps)]
-    result = run_child("train", {"argv": argv, "device": args.device}, run,
+        "--batch_size", str(batch_size),
+        "--max_steps", str(args.warmup_steps + args.steps + extra_steps)]
+    result = run_child(kind, {"argv": argv, "device": args.device, **spec}, run,
                        {**env, **config_env})
     steps, first = train_steps(run / "log.json", args.warmup_steps)
     remove_tree(run / "checkpoints")  # hundreds of MB each at 256x256
+    return {**result, "first_step_s": first}, steps
+
+
+def measure_train(args, workdir, name, batch_size, rep, env):
+    result, steps = run_training(args, workdir, "train", name, batch_size, f"_r{rep}", env)
     return {"img_s": batch_size / statistics.median(steps), "step_s": statistics.median(steps),
-            "first_step_s": first, "wall_s": result["wall_s"],
+            "first_step_s": result["first_step_s"], "wall_s": result["wall_s"],
             "peak_mib": result["tree_peak_rss_mib"], "main_maxrss_mib": result["maxrss_mib"],
             "cuda_peak_mib": result.get("cuda_peak_mib")}
 
@@ -153,17 +113,11 @@ def measure_train(args, workdir, name, batch_size, rep, env):
 def measure_profile(args, workdir, name, env):
     """Seconds per training step in convolutions, in the optimisers and in the rest, at the
     largest batch size (under torch.profiler, so slightly slower than measure_train's)."""
-    batch_size = max(args.batch_sizes)
-    run = workdir / "runs" / f"profile_{slug(name)}_b{batch_size}"
-    flags, _, config_env = parse_config(name)
-    argv = train_argv(args, workdir, run, flags) + [
-        "--batch_size", str(batch_size), "--max_steps", str(args.warmup_steps + args.steps + 1)]
-    spec = {"argv": argv, "device": args.device, "warmup_steps": args.warmup_steps,
-            "steps": args.steps}
-    result = run_child("profile", spec, run, {**env, **config_env})["profile"]
-    steps, _ = train_steps(run / "log.json", args.warmup_steps)
-    remove_tree(run / "checkpoints")
-    return result and {**result, "step_s": statistics.mean(steps[:args.steps])}
+    result, steps = run_training(args, workdir, "profile", name, max(args.batch_sizes), "",
+                                 env, extra_steps=1, warmup_steps=args.warmup_steps,
+                                 steps=args.steps)
+    times = result["profile"]
+    return times and {**times, "step_s": statistics.mean(steps[:args.steps])}
 
 
 def measure_loader(args, workdir, name, rep):
@@ -196,10 +150,6 @@ def measure_forward(args, workdir, name, rep, env):
             "compile": "compile" in options, "precision": precision,
             "batch_sizes": args.infer_batch_sizes, "warmup": 2, "iterations": args.steps}
     return run_child("forward", spec, run, {**env, **parse_config(name)[2]})["forward"]
-
-
-def slug(name):
-    return name.replace("+", "_")
 
 
 def remove_tree(path):
@@ -252,38 +202,6 @@ def run_benchmark(args, workdir):
             **report(args, info, raw, flops,
                      {name: measured_as(args.configs, "loader", name) for name in args.configs},
                      {name: loader_options(name) for name in args.configs})}
-
-
-def measurement_key(part, name):
-    """What a part's figure depends on (None: the part does not apply); configurations with
-    the same key are measured once (fused Adam, say, changes nothing in inference)."""
-    train_flags, inference_flags, env = parse_config(name)
-    if part in ("train", "profile"):
-        key = train_flags
-    elif part == "loader":
-        config = as_config_dict(train_flags)
-        key = [config.get("cache"), config.get("num_workers")]
-    elif part == "inference":
-        key = inference_flags
-    else:  # the bare forward: precision, memory format, compile
-        key = sorted(set(name.split("+")) & {"bf16", "fp16", "cl", "compile"})
-    return None if key is None else (tuple(key), tuple(sorted(env.items())))
-
-
-def loader_options(name):
-    config = as_config_dict(parse_config(name)[0])
-    return config.get("cache"), config.get("num_workers")
-
-
-def measured_as(configs, part, name):
-    """The first configuration whose measurement stands for `name`'s in this part."""
-    key = measurement_key(part, name)
-    return next((c for c in configs if key is not None and measurement_key(part, c) == key),
-                None)
-
-
-def unique_configs(configs, part):
-    return [name for name in configs if measured_as(configs, part, name) == name]
 
 
 def settings_of(args):
