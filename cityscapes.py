@@ -56,9 +56,18 @@ LABELS = [
     ("bicycle", 18, (119, 11, 32)),
 ]
 
+# The official label ids (as in *_gtFine_labelIds.png) of each entry of LABELS.
+LABEL_IDS = {"unlabeled": range(0, 5), "dynamic": [5], "ground": [6], "road": [7],
+             "sidewalk": [8], "parking": [9], "rail track": [10], "building": [11], "wall": [12],
+             "fence": [13], "guard rail": [14], "bridge": [15], "tunnel": [16], "pole": [17, 18],
+             "traffic light": [19], "traffic sign": [20], "vegetation": [21], "terrain": [22],
+             "sky": [23], "person": [24], "rider": [25], "car": [26], "truck": [27], "bus": [28],
+             "caravan": [29], "trailer": [30], "train": [31], "motorcycle": [32],
+             "bicycle": [33]}
+
 COLORS = {name: color for name, _, color in LABELS}
+PALETTE = np.array([color for _, _, color in LABELS], dtype=np.uint8)  # (K, 3), LABELS' order
 NUM_TRAIN_IDS = 19
-TRAIN_ID_NAMES = {train_id: name for name, train_id, _ in LABELS if train_id != IGNORE_ID}
 
 MAX_COLOR_DISTANCE = 25.0  # farther than this from every palette colour: JPEG edge blur, ignored
 
@@ -66,6 +75,26 @@ SPLITS = ("train", "val")
 
 
 # --- Decoding colour label maps -------------------------------------------------------------
+
+def nearest_colors(image):
+    """(H, W, 3) uint8 colours -> (index into LABELS of the nearest palette colour, squared
+    Euclidean RGB distance to it), both (H, W).
+
+    The one nearest-colour rule of the project. Distances are computed per distinct colour
+    rather than per pixel: a label map has a few thousand after JPEG, a photo tens of thousands.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
+    codes = (image[..., 0].astype(np.int32) << 16) | (image[..., 1].astype(np.int32) << 8) \
+        | image[..., 2]
+    unique, inverse = np.unique(codes, return_inverse=True)
+    colors = np.stack([unique >> 16, (unique >> 8) & 255, unique & 255], axis=1)
+    squared = ((colors[:, None, :] - PALETTE[None, :, :].astype(np.int32)) ** 2).sum(axis=2)
+    nearest = squared.argmin(axis=1)
+    inverse = inverse.reshape(codes.shape)
+    return nearest[inverse], squared[np.arange(len(unique)), nearest][inverse]
+
 
 def decode_train_ids(label, max_distance=MAX_COLOR_DISTANCE):
     """(H, W, 3) uint8 colour label map -> (H, W) uint8 train IDs (255: ignored).
@@ -78,19 +107,9 @@ def decode_train_ids(label, max_distance=MAX_COLOR_DISTANCE):
     if label.ndim != 3 or label.shape[2] != 3 or label.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 label map, got {label.dtype} "
                          f"{label.shape}")
-    codes = (label[..., 0].astype(np.int32) << 16) | (label[..., 1].astype(np.int32) << 8) \
-        | label[..., 2]
-    # A label map has few distinct colours (a few thousand after JPEG), so the distances are
-    # computed per distinct colour rather than per pixel.
-    unique, inverse = np.unique(codes, return_inverse=True)
-    colors = np.stack([unique >> 16, (unique >> 8) & 255, unique & 255], axis=1)
-    palette = np.array([color for _, _, color in LABELS], dtype=np.int32)  # (K, 3)
+    nearest, squared = nearest_colors(label)
     train_ids = np.array([train_id for _, train_id, _ in LABELS], dtype=np.uint8)
-    squared = ((colors[:, None, :] - palette[None, :, :]) ** 2).sum(axis=2)  # (U, K)
-    nearest = squared.argmin(axis=1)
-    ids = np.where(squared[np.arange(len(unique)), nearest] <= max_distance ** 2,
-                   train_ids[nearest], IGNORE_ID).astype(np.uint8)
-    return ids[inverse.reshape(codes.shape)]
+    return np.where(squared <= max_distance ** 2, train_ids[nearest], IGNORE_ID).astype(np.uint8)
 
 
 # --- Converting the official download to the pix2pix layout --------------------------------

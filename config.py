@@ -9,6 +9,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
+from labelmaps import LABEL_FORMATS
 from models import NORMS, ModelConfig
 from utils import UserError
 
@@ -28,6 +29,9 @@ class TrainConfig:
     layout: str = option("auto", "pair layout on disk", LAYOUTS)
     label_side: str = option("auto", "side-by-side layout: which half is the label map",
                              LABEL_SIDES)
+    label_format: str = option("auto", "paired layout: colour label maps, or single-channel "
+                               "Cityscapes label_ids / train_ids maps (coloured on reading)",
+                               LABEL_FORMATS)
     direction: str = option("label2photo", "translate label maps to photos or back",
                             DIRECTIONS)
     image_size: int = option(256, "training crop in pixels (a power of two; sets U-Net depth)")

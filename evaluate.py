@@ -126,7 +126,7 @@ def load_segmenter(path, device, mean, std, input_range="0-1"):
 def generator_samples(model_path, data_dir, device, batch_size, layout="auto",
                       label_side="auto"):
     """(names, iterator of Samples): each pair's label map translated by the checkpoint."""
-    pairs, _, _ = find_pairs(data_dir, layout, label_side)
+    pairs = find_pairs(data_dir, layout, label_side)[0]
     generator, config = load_generator(model_path, device)
     if config.get("direction", "label2photo") != "label2photo":
         raise UserError(f"{model_path}: translates photos to label maps; evaluate.py scores "

@@ -14,13 +14,13 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import IMAGE_SUFFIXES, PAIR_NAME, distinct_colors, read_rgb
+from dataset import IMAGE_SUFFIXES, PAIR_NAME, read_rgb, split_halves
+from labelmaps import LABEL_FORMATS, detect_label_side
 from models import ModelConfig, build_generator
 from utils import (UserError, atomic_write, choose_device, load_checkpoint, load_state,
                    make_folder, run_cli, to_uint8, to_unit_range)
@@ -122,7 +122,8 @@ class Translator:
 # --- Finding the inputs ---------------------------------------------------------------------
 
 def list_inputs(folder, layout="auto"):
-    """(files to translate, layout): in a paired folder only the *_input files."""
+    """(files to translate, layout, skipped files). In a folder of NAME_input/NAME_target pairs
+    every image but the NAME_target photos is translated."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: input folder not found")
@@ -138,37 +139,38 @@ def list_inputs(folder, layout="auto"):
         raise UserError(f"{folder}: no images found (expected .jpg or .png files)")
     if layout == "auto":
         layout = "paired" if any(PAIR_NAME.match(p.stem) for p in files) else "labels"
+    skipped = []
     if layout == "paired":
-        files = [p for p in files if (m := PAIR_NAME.match(p.stem)) and m["role"] == "input"]
+        skipped = [p for p in files if (m := PAIR_NAME.match(p.stem)) and m["role"] == "target"]
+        files = [p for p in files if p not in skipped]
         if not files:
-            raise UserError(f"{folder}: no NAME_input files to translate")
-    return files, layout
+            raise UserError(f"{folder}: only NAME_target photos, no label maps to translate")
+    return files, layout, skipped
 
 
-def guess_side_by_side(files, sample=8):
-    """'left'/'right' if the files look like side-by-side pairs (one half with far more
-    colours than the other), else None: plain label maps have few colours everywhere."""
-    votes = {"left": 0, "right": 0, None: 0}
-    for path in files[:: max(1, len(files) // sample)][:sample]:
-        try:
-            array = read_rgb(path)
-        except UserError:
-            continue
-        half = array.shape[1] // 2
-        left, right = distinct_colors(array[:, :half]), distinct_colors(array[:, half:])
-        if max(left, right) >= 3 * min(left, right) and max(left, right) > 256:
-            votes["left" if left < right else "right"] += 1
-        else:
-            votes[None] += 1
-    return max(votes, key=votes.get)
+def find_side_by_side(files, requested, layout, label_side):
+    """(files to split in halves, label side, the line saying why) for the inputs.
+
+    `--input_layout side_by_side` splits every file. "auto" (in a folder without NAME_input
+    files) splits them all if their halves differ as a label map's and a photo's do
+    (labelmaps.detect_label_side), and none if no file's halves differ (plain label maps, wide
+    ones too); a folder that mixes both is refused with a request for --input_layout.
+    """
+    if requested != "side_by_side" and not (requested == "auto" and layout == "labels"):
+        return [], "", ""
+    wide = list(files)
+    if label_side != "auto":
+        return wide, label_side, f"label map: {label_side} half (--label_side)"
+    found = detect_label_side(wide, lambda p: read_rgb(p, "side-by-side pair"),
+                              alike_is_none=requested == "auto")
+    return ([], "", "") if found is None else (wide, found.side, str(found))
 
 
-def input_half(array, label_side, input_is_label):
-    half = array.shape[1] // 2
-    label, photo = (array[:, :half], array[:, half:2 * half])
-    if label_side == "right":
-        label, photo = photo, label
-    return np.ascontiguousarray(label if input_is_label else photo)
+def input_half(array, label_side, input_is_label, path=""):
+    """The half of a side-by-side array the generator translates."""
+    left, right = split_halves(array, path)
+    label, photo = (left, right) if label_side == "left" else (right, left)
+    return label if input_is_label else photo
 
 
 def output_paths(files, output_dir):
@@ -240,6 +242,9 @@ def parse(argv=None):
                         help="plain label maps, side-by-side pairs, or NAME_input files")
     parser.add_argument("--label_side", default="auto", choices=("auto", "left", "right"),
                         help="side-by-side inputs: which half is the label map")
+    parser.add_argument("--label_format", default="auto", choices=LABEL_FORMATS,
+                        help="colour label maps, or single-channel Cityscapes label_ids / "
+                             "train_ids maps (auto: told apart by their values)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                         help="bf16 autocast (CPU, CUDA) or fp16 autocast (CUDA)")
     parser.add_argument("--channels_last", action="store_true",
@@ -266,7 +271,7 @@ def main(argv=None):
     device = choose_device(args.device)
     if args.precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU; on the CPU use bf16")
-    files, layout = list_inputs(args.input_dir, args.input_layout)
+    files, layout, skipped = list_inputs(args.input_dir, args.input_layout)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a folder (--output_dir)")
@@ -276,20 +281,20 @@ def main(argv=None):
                                    freeze=not args.paper_test_mode)
     translator = Translator(generator, config, device, args.native, args.paper_test_mode,
                             args.precision, args.channels_last)
-    label_side = None
-    if layout == "side_by_side" or (args.input_layout == "auto" and layout == "labels"):
-        label_side = args.label_side if args.label_side != "auto" else guess_side_by_side(files)
-        if label_side is None and layout == "side_by_side":
-            label_side = "right"  # the public set's convention
-    if label_side:
-        print(f"{args.input_dir}: side-by-side pairs, label map on the {label_side} half")
-    role = "label map" if translator.input_is_label and label_side is None else "image"
+    wide, label_side, evidence = find_side_by_side(files, args.input_layout, layout,
+                                                   args.label_side)
+    if wide:
+        print(f"{args.input_dir}: {len(wide)} side-by-side pair(s), {evidence}")
+    for path in skipped:
+        print(f"skipped {path}: a NAME_target photo (its NAME_input label map is translated)")
+    wide = set(wide)
 
     def load(path):
-        array = read_rgb(path, role)
-        if label_side is not None:
-            array = input_half(array, label_side, translator.input_is_label)
-        return array
+        if path in wide:
+            return input_half(read_rgb(path, "side-by-side pair"), label_side,
+                              translator.input_is_label, path)
+        role = "label map" if translator.input_is_label else "image"
+        return read_rgb(path, role, args.label_format)
 
     failures = 0
     targets = output_paths(files, output_dir)

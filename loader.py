@@ -67,15 +67,17 @@ def build_train_loader(config, runtime):
     dataset = PairDataset(folder, image_size=config.image_size, load_size=config.load_size,
                           train=True, crop=config.crop, flip=config.flip,
                           direction=config.direction, layout=config.layout,
-                          label_side=config.label_side, seed=config.seed)
+                          label_side=config.label_side, label_format=config.label_format,
+                          seed=config.seed)
     cache = config.cache == "on" or (config.cache == "auto" and
                                      cache_fits(len(dataset), config.load_size))
     if cache:
         dataset.fill_cache()
     if runtime.is_main:
-        side = f", label map on the {dataset.label_side} half" if dataset.label_side else ""
-        print(f"{folder}: {len(dataset)} pairs, layout {dataset.layout}{side}"
+        print(f"{folder}: {len(dataset)} pairs, layout {dataset.layout}"
               f"{', cached in memory' if cache else ''}")
+        if dataset.evidence:
+            print(f"  {dataset.evidence}")
     sampler = EpochSampler(len(dataset), config.batch_size, seed=config.seed,
                            rank=runtime.rank, world_size=runtime.world_size)
     workers = config.loader_workers()
@@ -95,7 +97,8 @@ def build_val_dataset(config, runtime, train_dataset):
     # The label half was decided once, on the training set.
     dataset = PairDataset(folder, image_size=config.image_size, train=False,
                           direction=config.direction, layout=train_dataset.layout,
-                          label_side=train_dataset.label_side or "auto")
+                          label_side=train_dataset.label_side or "auto",
+                          label_format=config.label_format)
     # Validation sees the same pairs every epoch: decode them once, like the training set.
     if train_dataset.cache is not None and cache_fits(len(dataset), config.image_size):
         dataset.fill_cache()

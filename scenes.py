@@ -353,15 +353,16 @@ def _spot(street, rng, edges, across):
     return s, float(street.line_x(bottom_x, street.ground_y(s)))
 
 
-def _scatter_objects(street, sides, rng):
-    objects = []
-    for _ in range(rng.integers(1, 5)):  # cars keep to a lane
+def _scatter_objects(street, sides, rng, busy):
+    objects, more = [], lambda high: 1 + round((high - 1) * busy)  # busy scales the counts
+    for _ in range(rng.integers(1, more(5))):  # cars keep to a lane
         lane = rng.choice([0.25, 0.75]) + rng.uniform(-0.05, 0.05)
         objects.append(("car", *_spot(street, rng, street.road, lane)))
     walks = ((street.road[0], street.walk[0]), (street.road[1], street.walk[1]))
-    for kind, count, across in (("person", rng.integers(1, 6), (0.2, 0.9)),
-                                ("pole", rng.integers(1, 4), (0.05, 0.2)),
-                                ("tree", rng.integers(0 if "park" in sides else 1, 5), (0.6, 0.9))):
+    for kind, count, across in (("person", rng.integers(1, more(6)), (0.2, 0.9)),
+                                ("pole", rng.integers(1, more(4)), (0.05, 0.2)),
+                                ("tree", rng.integers(0 if "park" in sides else 1, more(5)),
+                                 (0.6, 0.9))):
         for _ in range(count):
             walk = walks[rng.integers(2)]
             objects.append((kind, *_spot(street, rng, walk, rng.uniform(*across))))
@@ -369,8 +370,10 @@ def _scatter_objects(street, sides, rng):
 
 
 # ---------------------------------------------------------------- public: scenes
-def make_scene(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """One random street scene: (label, photo), both uint8 (size, size, 3).
+def make_scene(rng: np.random.Generator, size: int = 256,
+               busy: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """One random street scene: (label, photo), both uint8 (size, size, 3). `busy` scales the
+    number of cars, people, poles and trees (more small regions).
 
     The label uses only exact Cityscapes colours; the photo is rendered from the same layout.
     """
@@ -390,7 +393,7 @@ def make_scene(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, n
     _draw_ground(canvas, street, sides, rng)
     for side in (0, 1):
         _draw_side(canvas, street, side, sides[side] == "park", lights[side], rng)
-    for kind, s, x in _scatter_objects(street, sides, rng):
+    for kind, s, x in _scatter_objects(street, sides, rng, busy):
         _DRAWERS[kind](canvas, street, s, x, rng)
     return PALETTE[canvas.classes], _finish_photo(canvas, rng)
 

@@ -143,6 +143,10 @@ def _train(config, runtime, resume_from):
 
     # Data.
     train_loader, sampler = build_train_loader(config, runtime)
+    # The decided label half goes into every checkpoint's configuration: a resume reads the
+    # same half whatever the detector would say of the folder then.
+    config.layout = train_loader.dataset.layout
+    config.label_side = train_loader.dataset.label_side or config.label_side
     val_dataset = build_val_dataset(config, runtime, train_loader.dataset)
     sample_batch = fixed_batch(val_dataset, range(min(config.num_samples, len(val_dataset))),
                                runtime)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cityscapes import COLORS
 from config import TrainConfig
-from demo_data import write_demo_dataset
+from demo_data import real_profile_pair, save_real_profile_jpeg, write_demo_dataset
 from utils import run_cli
 
 REPO = Path(__file__).resolve().parent.parent  # where the scripts live (pytest.ini: pythonpath)
@@ -46,11 +46,13 @@ def draw_label_map(height, width, rng):
 
 
 def draw_photo(label, rng):
-    """(H, W, 3) uint8: a textured 'photo' of a label map (shaded region colours plus noise),
-    with far more distinct colours than the label map, as in a real photo."""
+    """(H, W, 3) uint8: a 'photo' of a label map as dark, grey and low in contrast as the real
+    set's photos (shaded, desaturated region colours plus noise; ../shared/CITYSCAPES.md)."""
     height, width = label.shape[:2]
     shade = np.linspace(0.7, 1.2, height)[:, None, None] * np.linspace(0.9, 1.1, width)[:, None]
-    photo = (label.astype(np.float64) * 0.6 + 50) * shade + rng.normal(0, 30, (height, width, 3))
+    colour = label.astype(np.float64)
+    grey = colour.mean(axis=-1, keepdims=True)
+    photo = (0.3 * colour + 0.7 * grey) * 0.45 * shade + 40 + rng.normal(0, 6, colour.shape)
     return np.clip(np.round(photo), 0, 255).astype(np.uint8)
 
 
@@ -68,28 +70,43 @@ def save_image(array, path, quality=90):
 
 def write_dataset(root, layout="side_by_side", splits=(("train", 4), ("val", 2)), size=32,
                   label_side="right", suffix=".jpg", seed=0):
-    """A tiny data set under `root` with one folder per split.
+    """A tiny data set under `root` with one folder per split, with the real set's profile.
 
     side_by_side: `k.jpg` holds the photo and the label map side by side (label on
     `label_side`, the public set has it on the right); paired: `k_input.jpg` (label map) and
-    `k_target.jpg` (photo). `size` is an int (square) or (height, width).
+    `k_target.jpg` (photo). `size` is an int (square: the scenes of demo_data.real_profile_pair,
+    saved as the public set was) or (height, width) (draw_label_map and draw_photo).
     """
     root = Path(root)
     height, width = (size, size) if isinstance(size, int) else size
     for split_number, (split, count) in enumerate(splits):
         for k in range(1, count + 1):
             rng = np.random.default_rng([seed, split_number, k])
-            label = draw_label_map(height, width, rng)
-            photo = draw_photo(label, rng)
+            if height == width:
+                label, photo = real_profile_pair(rng, height)
+            else:
+                label = draw_label_map(height, width, rng)
+                photo = draw_photo(label, rng)
             if layout == "side_by_side":
                 halves = (photo, label) if label_side == "right" else (label, photo)
-                save_image(np.concatenate(halves, axis=1), root / split / f"{k}{suffix}")
+                save_real_profile(np.concatenate(halves, axis=1), root / split / f"{k}{suffix}")
             elif layout == "paired":
-                save_image(label, root / split / f"{k}_input{suffix}")
-                save_image(photo, root / split / f"{k}_target{suffix}")
+                save_real_profile(label, root / split / f"{k}_input{suffix}")
+                save_real_profile(photo, root / split / f"{k}_target{suffix}")
             else:
                 raise ValueError(layout)
     return root
+
+
+def save_real_profile(array, path):
+    """JPEG files as the public set's (demo_data.save_real_profile_jpeg), others lossless."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        save_real_profile_jpeg(array, path)
+    else:
+        Image.fromarray(array).save(path)
+    return path
 
 
 @pytest.fixture

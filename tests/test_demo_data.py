@@ -96,7 +96,7 @@ def test_lookup_table_cannot_reproduce_the_photo(twenty_scenes):
 def test_side_by_side_layout_puts_photo_left_and_label_right(tmp_path):
     summary = write_demo_dataset(tmp_path, num_train=3, num_val=2, size=64, seed=1)
     assert summary == {"train": 3, "val": 2, "root": str(tmp_path), "layout": "side_by_side",
-                       "size": 64}
+                       "size": 64, "profile": "scenes"}
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["1.jpg", "2.jpg", "3.jpg"]
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["1.jpg", "2.jpg"]
     pair = np.asarray(Image.open(tmp_path / "train" / "1.jpg").convert("RGB"))

@@ -122,7 +122,7 @@ def test_non_image_entries_are_skipped_with_a_warning(make_dataset):
     (train_dir / ".DS_Store").write_bytes(b"\x00")  # hidden: ignored silently
     (train_dir / "._1_input.jpg").write_bytes(b"AppleDouble")  # hidden, though it looks like one
     with pytest.warns(UserWarning, match="skipping 4 non-image entries") as caught:
-        pairs, layout, _ = find_pairs(train_dir)
+        pairs, layout, _, _ = find_pairs(train_dir)
     message = str(caught[0].message)
     assert all(name in message for name in ("README.txt", "Thumbs.db", "extra", "broken.jpg"))
     assert ".DS_Store" not in message and len(pairs) == 2 and layout == "paired"

@@ -65,7 +65,7 @@ def test_side_by_side_inputs_use_the_label_half(tmp_path, tiny_checkpoint, rng, 
         halves[name] = joined[:, width:] if side == "right" else joined[:, :width]
     translate_cli(["--input_dir", inputs, "--output_dir", outputs,
                    "--model_path", tiny_checkpoint()])
-    assert f"label map on the {side} half" in capsys.readouterr().out
+    assert f"label map: {side} half (" in capsys.readouterr().out
     generator, config = load_generator(tiny_checkpoint())
     expected = Translator(generator, config, "cpu").translate(list(halves.values()))
     for (name, half), image in zip(halves.items(), expected):
