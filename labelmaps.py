@@ -30,6 +30,7 @@ PALETTE_ON = 0.6  # a label half in Cityscapes colours has at least this palette
 PALETTE_GAP = 0.2  # ... and this much more than the photo half
 FLAT_GAP = 0.15  # without the palette: this much more flat share than the other half
 FLAT_TOLERANCE = 3  # a 3x3 neighbourhood is flat when it varies by at most this
+BLANK = 0.97  # a half flatter than this is nearly one colour: no evidence either way
 SAMPLE_FILES = 16  # files looked at per dataset
 MIN_DECIDED = 0.75  # share of the sampled files that must decide ...
 MIN_AGREEMENT = 0.9  # ... and share of those that must agree
@@ -48,10 +49,11 @@ def flat_share(image, tolerance=FLAT_TOLERANCE):
     """Share of the interior pixels of an (H, W, 3) uint8 image whose 3x3 neighbourhood varies by
     at most `tolerance` in every channel."""
     image = np.asarray(image, dtype=np.int16)
-    if image.shape[0] < 3 or image.shape[1] < 3:
+    height, width = image.shape[:2]
+    if height < 3 or width < 3:
         return 0.0
-    windows = np.lib.stride_tricks.sliding_window_view(image, (3, 3), axis=(0, 1))
-    spread = (windows.max(axis=(-2, -1)) - windows.min(axis=(-2, -1))).max(axis=-1)
+    shifts = [image[dy:height - 2 + dy, dx:width - 2 + dx] for dy in range(3) for dx in range(3)]
+    spread = (np.maximum.reduce(shifts) - np.minimum.reduce(shifts)).max(axis=-1)
     return float((spread <= tolerance).mean())
 
 
@@ -88,7 +90,8 @@ def decide_half(array):
 
     The palette decides when one half is mostly on it and clearly more than the other; label
     maps in other colours fall back on flatness, which must differ by a clear margin and by a
-    factor of two (two label halves, as in a wide label map, differ in flatness too, but not so).
+    factor of two (two label halves, as in a wide label map, differ in flatness too, but not so),
+    and not because one half is blank.
     """
     half = array.shape[1] // 2
     left, right = array[:, :half], array[:, half:2 * half]
@@ -97,7 +100,8 @@ def decide_half(array):
     for cue, (a, b), decides in (
             ("palette", palette, max(palette) >= PALETTE_ON and abs(palette[0] - palette[1])
              >= PALETTE_GAP),
-            ("flat", flat, abs(flat[0] - flat[1]) >= FLAT_GAP and max(flat) >= 2 * min(flat))):
+            ("flat", flat, abs(flat[0] - flat[1]) >= FLAT_GAP and max(flat) >= 2 * min(flat)
+             and max(flat) <= BLANK)):
         if decides:
             return HalfEvidence(palette, flat, "left" if a > b else "right", cue)
     return HalfEvidence(palette, flat, None, "")

@@ -153,6 +153,20 @@ def test_label_maps_in_other_colours_decide_by_flatness(tmp_path):
     assert found.side == "right" and "flat 3x3 neighbourhoods" in str(found)
 
 
+@pytest.mark.parametrize("sky_rows, expected", [(60, "right"), (100, None), (256, None)])
+def test_a_flat_photo_never_passes_for_the_label_map(tmp_path, sky_rows, expected):
+    """Photos unlike our assumption of texture everywhere: a blown-out white sky over the top
+    `sky_rows` rows, next to a label map in other colours. The flat cue must then pick the label
+    map or, once the photo is nearly as flat as a label map, refuse: never pick the photo."""
+    for k in range(4):
+        label, photo = real_profile_pair(np.random.default_rng(90 + k), 256)
+        photo = photo.copy()
+        photo[:sky_rows] = 255
+        path = tmp_path / f"{k}.jpg"
+        save_real_profile_jpeg(np.concatenate([photo, 255 - label[..., [2, 0, 1]]], axis=1), path)
+        assert decide_half(read_rgb(path)).side == expected
+
+
 def test_no_clear_half_asks_for_label_side(tmp_path):
     # Two photos side by side: neither half is a label map.
     for k in range(4):
