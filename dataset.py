@@ -249,8 +249,10 @@ class PairDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         label, photo = self.cache[index] if self.cache is not None else self._load_resized(index)
         if self.augment is not None:
+            # Only the CPU generator, which fork_rng restores: torch.manual_seed would also
+            # reseed every CUDA generator (dropout's) and leave them so.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
                 label, photo = self.augment(label, photo)
         label = to_unit_range(label.as_subclass(torch.Tensor))
         photo = to_unit_range(photo.as_subclass(torch.Tensor))

@@ -325,3 +325,16 @@ def test_check_command(make_dataset):
     assert "2 problem(s)" in failed.stdout
     # The readable files are still counted.
     assert f"{bad / 'train'}: 4 pairs" in failed.stdout and "32x32 (3)" in failed.stdout
+
+
+def test_augmentation_seeds_only_its_own_cpu_generator(make_dataset, monkeypatch):
+    """Seeding a sample's crop and flip must leave the CUDA generators (dropout masks on a GPU)
+    alone: torch.manual_seed would reseed them and not restore them."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    dataset = PairDataset(make_dataset() / "train", image_size=32, load_size=36, seed=3)
+    before = torch.random.get_rng_state()
+    first = dataset[(0, 1)]["source"]
+    assert calls == [] and torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(dataset[(0, 1)]["source"], first)  # still reproducible

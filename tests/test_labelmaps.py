@@ -17,6 +17,7 @@ import dataset
 import inference
 import train
 from cityscapes import COLORS, LABEL_IDS, LABELS
+from config import merge_for_resume
 from conftest import REPO, run_in_process, tiny_config
 from dataset import PairDataset, find_pairs, read_rgb
 from demo_data import real_profile_pair, save_real_profile_jpeg
@@ -136,6 +137,10 @@ def test_training_and_check_report_the_decided_half(tmp_path, capsys, side):
     saved = torch.load(tmp_path / "run" / "checkpoints" / "latest.pth", weights_only=False)
     assert (saved["config"]["layout"], saved["config"]["label_side"]) == ("side_by_side", side)
     assert f"label map: {side} half (" in capsys.readouterr().out
+    # Resuming with the first command's `auto` keeps the saved half; another half is refused.
+    assert merge_for_resume(saved["config"], {"label_side": "auto"}).label_side == side
+    with pytest.raises(UserError, match="cannot change --label_side"):
+        merge_for_resume(saved["config"], {"label_side": other})
 
 
 def test_label_maps_in_other_colours_decide_by_flatness(tmp_path):
