@@ -103,11 +103,7 @@ def decode_train_ids(label, max_distance=MAX_COLOR_DISTANCE):
     `max_distance` (Euclidean RGB) from every palette colour are ignored, and so are the void
     classes, whose train ID is 255 anyway.
     """
-    label = np.asarray(label)
-    if label.ndim != 3 or label.shape[2] != 3 or label.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 label map, got {label.dtype} "
-                         f"{label.shape}")
-    nearest, squared = nearest_colors(label)
+    nearest, squared = nearest_colors(label)  # refuses anything but (H, W, 3) uint8
     train_ids = np.array([train_id for _, train_id, _ in LABELS], dtype=np.uint8)
     return np.where(squared <= max_distance ** 2, train_ids[nearest], IGNORE_ID).astype(np.uint8)
 

@@ -27,13 +27,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cityscapes import MAX_COLOR_DISTANCE, nearest_colors
-from labelmaps import LABEL_FORMATS, colorize_ids, detect_label_side
+from labelmaps import LABEL_FORMATS, colorize_ids, detect_label_side, split_halves
 from utils import UserError, one_line, run_cli, to_unit_range
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 LAYOUTS = ("auto", "paired", "side_by_side")
 LABEL_SIDES = ("auto", "left", "right")
 DIRECTIONS = ("label2photo", "photo2label")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # single channel, over 8 bits
 PAIR_NAME = re.compile(r"^(?P<stem>.+)_(?P<role>input|target)$")
 
 
@@ -68,7 +69,7 @@ def read_rgb(path, role="image", label_format="auto"):
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read the {role}: corrupt or truncated image "
                         f"({one_line(e)})") from None
-    single = image.mode in ("L", "1", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+    single = image.mode in ("L", "1", "LA") + WIDE_MODES
     if role == "label map" and label_format not in ("auto", "color") and not single:
         raise UserError(f"{path}: --label_format {label_format} expects a single-channel id "
                         f"map, the file is {image.mode}")
@@ -81,7 +82,7 @@ def read_rgb(path, role="image", label_format="auto"):
             raise UserError(f"{path}: the single-channel label map holds values outside "
                             "0..255; Cityscapes label ids or train ids are expected")
         return colorize_ids(ids.astype(np.uint8), path, label_format)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if image.mode in WIDE_MODES:
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if array.max() > 255 else 255.0
         image = Image.fromarray(np.round(array * (255.0 / peak)).astype(np.uint8), mode="L")
@@ -165,14 +166,6 @@ def find_pairs(folder, layout="auto", label_side="auto"):
     else:
         evidence = f"label map: {label_side} half (--label_side)"
     return [PairFiles(p, p, label_side) for p in images], layout, label_side, evidence
-
-
-def split_halves(array, path):
-    """(left, right) halves of a side-by-side (H, 2W, 3) array; the one rule for splitting."""
-    half = array.shape[1] // 2
-    if half < 1:
-        raise UserError(f"{path}: too narrow to hold two halves")
-    return np.ascontiguousarray(array[:, :half]), np.ascontiguousarray(array[:, half:2 * half])
 
 
 def load_pair(pair, label_format="auto"):

@@ -68,8 +68,9 @@ def real_profile_pair(rng, size=256, busy=6.0, darkness=None, oversample=None):
     grey = photo @ np.array([0.299, 0.587, 0.114], np.float32)
     photo = grey[..., None] + (0.95 - 0.4 * darkness) * (photo - grey[..., None])
     photo = (95 - 42 * darkness) + (0.6 - 0.2 * darkness) * (photo - photo.mean())
-    grain = rng.standard_normal(photo.shape, dtype=np.float32) * 0.7
-    photo = photo + grain + rng.standard_normal(photo.shape[:2], dtype=np.float32)[..., None] * (2.2 + darkness)
+    grain = rng.standard_normal(photo.shape, dtype=np.float32) * 0.7  # per channel
+    shade = rng.standard_normal(photo.shape[:2], dtype=np.float32)[..., None]  # grey
+    photo = photo + grain + shade * (2.2 + darkness)
     return label, np.clip(np.rint(photo), 0, 255).astype(np.uint8)
 
 
@@ -95,7 +96,7 @@ def write_demo_dataset(root, num_train=200, num_val=20, size=256, seed=0,
     """
     _check_dataset_args(num_train, num_val, size, seed, layout, quality, profile)
     if profile == "real":
-        make, save = real_profile_pair, lambda a, p: save_real_profile_jpeg(a, p)
+        make, save = real_profile_pair, save_real_profile_jpeg
     else:
         make, save = make_scene, lambda a, p: _save_jpeg(a, p, quality)
     root = Path(root)

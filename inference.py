@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import IMAGE_SUFFIXES, PAIR_NAME, read_rgb, split_halves
-from labelmaps import LABEL_FORMATS, detect_label_side
+from dataset import IMAGE_SUFFIXES, PAIR_NAME, read_rgb
+from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
 from models import ModelConfig, build_generator
 from utils import (UserError, atomic_write, choose_device, load_checkpoint, load_state,
                    make_folder, run_cli, to_uint8, to_unit_range)
@@ -158,12 +158,11 @@ def find_side_by_side(files, requested, layout, label_side):
     """
     if requested != "side_by_side" and not (requested == "auto" and layout == "labels"):
         return [], "", ""
-    wide = list(files)
     if label_side != "auto":
-        return wide, label_side, f"label map: {label_side} half (--label_side)"
-    found = detect_label_side(wide, lambda p: read_rgb(p, "side-by-side pair"),
+        return list(files), label_side, f"label map: {label_side} half (--label_side)"
+    found = detect_label_side(files, lambda p: read_rgb(p, "side-by-side pair"),
                               alike_is_none=requested == "auto")
-    return ([], "", "") if found is None else (wide, found.side, str(found))
+    return ([], "", "") if found is None else (list(files), found.side, str(found))
 
 
 def input_half(array, label_side, input_is_label, path=""):
@@ -281,16 +280,16 @@ def main(argv=None):
                                    freeze=not args.paper_test_mode)
     translator = Translator(generator, config, device, args.native, args.paper_test_mode,
                             args.precision, args.channels_last)
-    wide, label_side, evidence = find_side_by_side(files, args.input_layout, layout,
-                                                   args.label_side)
-    if wide:
-        print(f"{args.input_dir}: {len(wide)} side-by-side pair(s), {evidence}")
+    pairs, label_side, evidence = find_side_by_side(files, args.input_layout, layout,
+                                                    args.label_side)
+    if pairs:
+        print(f"{args.input_dir}: {len(pairs)} side-by-side pair(s), {evidence}")
     for path in skipped:
         print(f"skipped {path}: a NAME_target photo (its NAME_input label map is translated)")
-    wide = set(wide)
+    pairs = set(pairs)
 
     def load(path):
-        if path in wide:
+        if path in pairs:
             return input_half(read_rgb(path, "side-by-side pair"), label_side,
                               translator.input_is_label, path)
         role = "label map" if translator.input_is_label else "image"

@@ -15,6 +15,7 @@ blended when it was downscaled), so counting colours picks the photo. What does 
                  palette, so it decides for label maps in other colours.
 """
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,15 @@ def profile(image):
             "intensity": float(pixels.mean())}
 
 
+def split_halves(array, path=""):
+    """(left, right) halves of a side-by-side (H, 2W, 3) array: the one rule for splitting (an
+    odd last column belongs to neither)."""
+    half = array.shape[1] // 2
+    if half < 1:
+        raise UserError(f"{path}: too narrow to hold two halves")
+    return np.ascontiguousarray(array[:, :half]), np.ascontiguousarray(array[:, half:2 * half])
+
+
 @dataclass(frozen=True)
 class HalfEvidence:
     """The cues of both halves of one side-by-side file, and the side they point to."""
@@ -93,8 +103,7 @@ def decide_half(array):
     factor of two (two label halves, as in a wide label map, differ in flatness too, but not so),
     and not because one half is blank.
     """
-    half = array.shape[1] // 2
-    left, right = array[:, :half], array[:, half:2 * half]
+    left, right = split_halves(array)
     palette = (palette_share(left), palette_share(right))
     flat = (flat_share(left), flat_share(right))
     for cue, (a, b), decides in (
@@ -170,6 +179,7 @@ def detect_label_side(paths, read, sample=SAMPLE_FILES, what="side-by-side pairs
 
 # --- Single-channel id maps -----------------------------------------------------------------
 
+@functools.lru_cache(maxsize=2)
 def _id_colors(kind):
     """(256, 3) uint8 lookup from an id to its colour, and the set of valid ids."""
     table = np.zeros((256, 3), np.uint8)

@@ -14,9 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cityscapes import COLORS
-
-PALETTE = np.array(list(COLORS.values()), dtype=np.uint8)  # (K, 3)
+from cityscapes import COLORS, PALETTE
 CLASS_INDEX = {name: index for index, name in enumerate(COLORS)}
 MIN_SIZE = 32
 ROAD_WIDTH_M = 8.0  # two lanes; sets the metres -> image units scale at every depth
@@ -355,14 +353,14 @@ def _spot(street, rng, edges, across):
 
 def _scatter_objects(street, sides, rng, busy):
     objects, more = [], lambda high: 1 + round((high - 1) * busy)  # busy scales the counts
+    first_tree = 0 if "park" in sides else 1
     for _ in range(rng.integers(1, more(5))):  # cars keep to a lane
         lane = rng.choice([0.25, 0.75]) + rng.uniform(-0.05, 0.05)
         objects.append(("car", *_spot(street, rng, street.road, lane)))
     walks = ((street.road[0], street.walk[0]), (street.road[1], street.walk[1]))
     for kind, count, across in (("person", rng.integers(1, more(6)), (0.2, 0.9)),
                                 ("pole", rng.integers(1, more(4)), (0.05, 0.2)),
-                                ("tree", rng.integers(0 if "park" in sides else 1, more(5)),
-                                 (0.6, 0.9))):
+                                ("tree", rng.integers(first_tree, more(5)), (0.6, 0.9))):
         for _ in range(count):
             walk = walks[rng.integers(2)]
             objects.append((kind, *_spot(street, rng, walk, rng.uniform(*across))))
@@ -372,11 +370,8 @@ def _scatter_objects(street, sides, rng, busy):
 # ---------------------------------------------------------------- public: scenes
 def make_scene(rng: np.random.Generator, size: int = 256,
                busy: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """One random street scene: (label, photo), both uint8 (size, size, 3). `busy` scales the
-    number of cars, people, poles and trees (more small regions).
-
-    The label uses only exact Cityscapes colours; the photo is rendered from the same layout.
-    """
+    """One random street scene: (label, photo), both uint8 (size, size, 3); the label in exact
+    Cityscapes colours, the photo rendered from the same layout; `busy` scales the objects."""
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size

@@ -100,13 +100,11 @@ def write_dataset(root, layout="side_by_side", splits=(("train", 4), ("val", 2))
 
 def save_real_profile(array, path):
     """JPEG files as the public set's (demo_data.save_real_profile_jpeg), others lossless."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        save_real_profile_jpeg(array, path)
-    else:
-        Image.fromarray(array).save(path)
-    return path
+    if Path(path).suffix.lower() not in (".jpg", ".jpeg"):
+        return save_image(array, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_real_profile_jpeg(array, path)
+    return Path(path)
 
 
 @pytest.fixture

@@ -143,19 +143,20 @@ def test_training_and_check_report_the_decided_half(tmp_path, capsys, side):
         merge_for_resume(saved["config"], {"label_side": other})
 
 
-def test_label_maps_in_other_colours_decide_by_flatness(tmp_path):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_label_maps_in_other_colours_decide_by_flatness(tmp_path, side):
     """A palette that is not Cityscapes' (inverted, channels turned): flatness decides."""
+    (tmp_path / "data").mkdir()
     for k in range(6):
         label, photo = real_profile_pair(np.random.default_rng(80 + k), 256)
         recoloured = 255 - label[..., [2, 0, 1]]
-        (tmp_path / "data").mkdir(exist_ok=True)
-        save_real_profile_jpeg(np.concatenate([photo, recoloured], axis=1),
-                               tmp_path / "data" / f"{k}.jpg")
+        halves = [photo, recoloured] if side == "right" else [recoloured, photo]
+        save_real_profile_jpeg(np.concatenate(halves, axis=1), tmp_path / "data" / f"{k}.jpg")
     for path in sorted((tmp_path / "data").iterdir()):
         evidence = decide_half(read_rgb(path))
-        assert max(evidence.palette) < 0.6 and (evidence.side, evidence.cue) == ("right", "flat")
+        assert max(evidence.palette) < 0.6 and (evidence.side, evidence.cue) == (side, "flat")
     found = detect_label_side(sorted((tmp_path / "data").iterdir()), read_rgb)
-    assert found.side == "right" and "flat 3x3 neighbourhoods" in str(found)
+    assert found.side == side and "flat 3x3 neighbourhoods" in str(found)
 
 
 @pytest.mark.parametrize("sky_rows, expected", [(60, "right"), (100, None), (256, None)])
@@ -193,8 +194,9 @@ def test_no_clear_half_asks_for_label_side(tmp_path):
 
 # --- Inference on real-profile inputs -------------------------------------------------------
 
-def test_inference_takes_real_label_maps_and_real_pairs(tmp_path, tiny_checkpoint, capsys):
-    label, _ = real_pair_file(tmp_path / "pair" / "1.jpg", seed=7)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_inference_takes_real_label_maps_and_real_pairs(tmp_path, tiny_checkpoint, capsys, side):
+    label, _ = real_pair_file(tmp_path / "pair" / "1.jpg", seed=7, label_side=side)
     plain = tmp_path / "plain"
     plain.mkdir()
     save_real_profile_jpeg(label, plain / "a.jpg")  # a label map with the JPEG ringing
@@ -210,10 +212,21 @@ def test_inference_takes_real_label_maps_and_real_pairs(tmp_path, tiny_checkpoin
     status, out, err = run_in_process(inference.main, ["--input_dir", tmp_path / "pair",
                                                        "--output_dir", tmp_path / "out2",
                                                        "--model_path", model], capsys)
-    assert status == 0 and "1 side-by-side pair(s), label map: right half (" in out, out + err
+    assert status == 0 and f"1 side-by-side pair(s), label map: {side} half (" in out, out + err
     generator, config = inference.load_generator(model)
     alone = inference.Translator(generator, config, "cpu").translate([label])[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out2" / "1.png")), alone)
+
+
+def test_inference_refuses_a_folder_of_pairs_and_plain_label_maps(tmp_path, tiny_checkpoint,
+                                                                   capsys):
+    label, _ = real_pair_file(tmp_path / "in" / "pair.jpg", seed=8)
+    save_real_profile_jpeg(label, tmp_path / "in" / "plain.jpg")
+    status, _, err = run_in_process(inference.main, ["--input_dir", tmp_path / "in",
+                                                     "--output_dir", tmp_path / "out",
+                                                     "--model_path", tiny_checkpoint()], capsys)
+    assert status != 0 and "cannot tell which half" in err and "--input_layout labels" in err
+    assert "Traceback" not in err
 
 
 def test_inference_in_a_paired_folder_translates_every_label_map(tmp_path, tiny_checkpoint,
@@ -282,6 +295,11 @@ def test_training_on_id_maps_sees_the_colour_maps(tmp_path):
         Image.fromarray(photo).save(tmp_path / folder / "a_target.png")
     items = [PairDataset(tmp_path / f, image_size=32, train=False)[0] for f in ("colour", "ids")]
     assert torch.equal(items[0]["source"], items[1]["source"])
+    # --label_format reaches the reading, in the dataset and in --check.
+    forced = PairDataset(tmp_path / "ids", image_size=32, train=False, label_format="label_ids")
+    assert torch.equal(forced[0]["source"], items[0]["source"])
+    report, problems = dataset.check_split(tmp_path / "ids", label_format="train_ids")
+    assert problems and "--label_format train_ids" in problems[0] and "a_input.png" in problems[0]
 
 
 def test_inference_translates_id_maps_as_their_colour_maps(tmp_path, tiny_checkpoint, capsys):
