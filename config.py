@@ -11,10 +11,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
 from labelmaps import LABEL_FORMATS
 from models import NORMS, ModelConfig
+from runtime import PRECISIONS
 from utils import UserError
 
 GAN_LOSSES = ("bce", "lsgan")
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 CACHE_MODES = ("auto", "on", "off")
 
 
@@ -61,8 +61,9 @@ class TrainConfig:
     max_steps: int = option(0, "stop after this many steps in total (0: no limit)")
     # Speed.
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-    precision: str = option("fp32", "fp32, tf32 (CUDA), bf16 autocast, fp16 autocast (CUDA)",
-                            PRECISIONS)
+    precision: str = option("auto", "auto: bf16 autocast where the device computes bf16 "
+                            "natively, else fp32; fp32 (strict: no TF32), tf32 (CUDA), bf16, "
+                            "fp16 autocast with a gradient scaler (CUDA)", PRECISIONS)
     channels_last: bool = option(False, "channels-last memory format")
     compile: bool = option(False, "torch.compile both networks")
     fused_adam: bool = option(True, "Adam's fused kernel (CPU, CUDA): the same update in one "

@@ -250,8 +250,8 @@ class PairDataset(Dataset):
         label = to_unit_range(label.as_subclass(torch.Tensor))
         photo = to_unit_range(photo.as_subclass(torch.Tensor))
         if self.direction == "label2photo":
-            return {"source": label, "target": photo, "index": index}
-        return {"source": photo, "target": label, "index": index}
+            return {"source": label, "target": photo}
+        return {"source": photo, "target": label}
 
 
 # --- The dataset check ----------------------------------------------------------------------

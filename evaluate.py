@@ -42,10 +42,9 @@ from tqdm import tqdm
 
 import metrics
 from cityscapes import NUM_TRAIN_IDS, decode_train_ids
-from dataset import find_pairs, list_images, load_pair, read_rgb
+from dataset import LABEL_SIDES, LAYOUTS, find_pairs, list_images, load_pair, read_rgb
 from inference import Translator, load_generator
-from utils import (UserError, atomic_write, choose_device, one_line, run_cli, save_json,
-                   to_uint8)
+from utils import UserError, atomic_write, choose_device, one_line, run_cli, save_json
 
 SEG_INPUT_SCALES = {"0-1": 1 / 255, "0-255": 1.0}
 
@@ -60,14 +59,6 @@ class Sample(NamedTuple):
 
 
 # --- FID and KID ----------------------------------------------------------------------------
-
-def distribution_scores(generated_features, real_features):
-    if min(len(generated_features), len(real_features)) < 2:
-        raise UserError("FID and KID need at least 2 images on each side; pass --no_fid")
-    kid_mean, kid_std = metrics.kernel_inception_distance(generated_features, real_features)
-    return {"fid": metrics.fid_from_features(generated_features, real_features),
-            "kid_mean": kid_mean, "kid_std": kid_std}
-
 
 def names_digest(names):
     return hashlib.sha1("\n".join(names).encode()).hexdigest()
@@ -242,47 +233,12 @@ class Scorer:
             self._featurise()
             if self.real_features is None:
                 self.real_features = np.concatenate(self.features["real"])
-            report.update(distribution_scores(np.concatenate(self.features["generated"]),
+            report.update(metrics.distribution_scores(np.concatenate(self.features["generated"]),
                                               self.real_features))
         for side in self.confusion if self.segmenter is not None else ():
             report[f"fcn_{side}"] = metrics.segmentation_scores(self.confusion[side])
         report["per_image"] = self.per_image
         return report
-
-
-@torch.no_grad()
-def fid_of_generator(generator, dataset, device, batch_size=16, cache=None):
-    """{"fid", "kid_mean", "kid_std"} of a label -> photo generator on a PairDataset (e.g. the
-    training loop's validation set), against the dataset's photos.
-
-    The generator runs in eval mode; its mode is restored. Pass the same `cache` dict at every
-    call: it keeps the Inception network and the real photos' features, so later calls
-    featurise only the generated photos.
-    """
-    if getattr(dataset, "direction", "label2photo") != "label2photo":
-        raise ValueError("FID scores generated photos: the dataset must be label2photo")
-    cache = {} if cache is None else cache
-    if "inception" not in cache:
-        cache["inception"] = metrics.load_inception(device)
-    need_real = "real_features" not in cache
-    features = {"generated": [], "real": []}
-    was_training = generator.training
-    generator.eval()
-    try:
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            source = torch.stack([item["source"] for item in items]).to(device)
-            images = {"generated": generator(source).float()}
-            if need_real:
-                images["real"] = torch.stack([item["target"] for item in items])
-            for side, batch in images.items():  # uint8 first: scored as saved photos would be
-                features[side].append(
-                    metrics.inception_features(cache["inception"], to_uint8(batch), device))
-    finally:
-        generator.train(was_training)
-    if need_real:
-        cache["real_features"] = np.concatenate(features["real"])
-    return distribution_scores(np.concatenate(features["generated"]), cache["real_features"])
 
 
 # --- Command line ---------------------------------------------------------------------------
@@ -293,8 +249,8 @@ def parse(argv=None):
                                      "--generated_dir with --real_dir")
     form.add_argument("--model_path", help="generator checkpoint (generator.pth, latest.pth)")
     form.add_argument("--data_dir", help="one split folder of pairs, e.g. ./dataset/val")
-    form.add_argument("--layout", default="auto", choices=("auto", "paired", "side_by_side"))
-    form.add_argument("--label_side", default="auto", choices=("auto", "left", "right"))
+    form.add_argument("--layout", default="auto", choices=LAYOUTS)
+    form.add_argument("--label_side", default="auto", choices=LABEL_SIDES)
     form.add_argument("--generated_dir", help="folder of generated photos")
     form.add_argument("--real_dir", help="folder of real photos, matched by file stem")
     form.add_argument("--label_dir", help="folder of colour label maps, matched by file stem "

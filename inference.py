@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import IMAGE_SUFFIXES, PAIR_NAME, read_rgb
+import runtime as rt
+from dataset import IMAGE_SUFFIXES, LABEL_SIDES, PAIR_NAME, read_rgb
 from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
 from models import ModelConfig, build_generator
 from utils import (UserError, atomic_write, choose_device, load_checkpoint, load_state,
                    make_folder, run_cli, to_uint8, to_unit_range)
 
 INPUT_LAYOUTS = ("auto", "labels", "side_by_side", "paired")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_generator(path, device="cpu"):
@@ -103,7 +103,7 @@ class Translator:
                 batch = torch.cat([prepared[i][0] for i in chunk]).to(self.device)
                 if self.channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                with self._autocast():
+                with rt.autocast(self.device, self.precision):
                     fake = self.generator(batch).float()
                 for i, image in zip(chunk, fake):
                     h, w, height, width = prepared[i][1]
@@ -112,11 +112,6 @@ class Translator:
                         image = self._resize(image, (height, width), not self.input_is_label)
                     outputs[i] = to_uint8(image[0]).permute(1, 2, 0).cpu().numpy()
         return outputs
-
-    def _autocast(self):
-        if self.precision not in AUTOCAST_DTYPES:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
 
 # --- Finding the inputs ---------------------------------------------------------------------
@@ -239,13 +234,15 @@ def parse(argv=None):
                         help="the paper's test mode: dropout on, per-image batch statistics")
     parser.add_argument("--input_layout", default="auto", choices=INPUT_LAYOUTS,
                         help="plain label maps, side-by-side pairs, or NAME_input files")
-    parser.add_argument("--label_side", default="auto", choices=("auto", "left", "right"),
+    parser.add_argument("--label_side", default="auto", choices=LABEL_SIDES,
                         help="side-by-side inputs: which half is the label map")
     parser.add_argument("--label_format", default="auto", choices=LABEL_FORMATS,
                         help="colour label maps, or single-channel Cityscapes label_ids / "
                              "train_ids maps (auto: told apart by their values)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                        help="bf16 autocast (CPU, CUDA) or fp16 autocast (CUDA)")
+    parser.add_argument("--precision", default="auto", choices=rt.PRECISIONS,
+                        help="auto: bf16 autocast where the device computes bf16 natively, "
+                             "else fp32; fp32 (strict: no TF32, as in training), tf32 (CUDA), "
+                             "bf16, fp16 (CUDA)")
     parser.add_argument("--channels_last", action="store_true",
                         help="channels-last memory format")
     parser.add_argument("--compile", action="store_true",
@@ -268,18 +265,19 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     device = choose_device(args.device)
-    if args.precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU; on the CPU use bf16")
+    precision, why = rt.resolve_precision(args.precision, device)
+    rt.set_math_mode(device, precision)
     files, layout, skipped = list_inputs(args.input_dir, args.input_layout)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a folder (--output_dir)")
     generator, config = load_generator(args.model_path, device)
+    print(f"device {device}, precision {precision} ({why})")
     make_folder(output_dir, "output_dir")  # fail before translating, not at the first write
     generator = optimize_generator(generator, args.channels_last, args.compile,
                                    freeze=not args.paper_test_mode)
     translator = Translator(generator, config, device, args.native, args.paper_test_mode,
-                            args.precision, args.channels_last)
+                            precision, args.channels_last)
     pairs, label_side, evidence = find_side_by_side(files, args.input_layout, layout,
                                                     args.label_side)
     if pairs:

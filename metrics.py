@@ -334,3 +334,48 @@ def segmentation_scores(confusion):
 def _nan_mean(values):
     finite = values[~np.isnan(values)]
     return float(finite.mean()) if len(finite) else None
+
+
+# --- FID and KID of a generator (evaluate.py, and training's --fid_every_epochs) ----------
+
+def distribution_scores(generated_features, real_features):
+    if min(len(generated_features), len(real_features)) < 2:
+        raise utils.UserError("FID and KID need at least 2 images on each side; pass --no_fid")
+    kid_mean, kid_std = kernel_inception_distance(generated_features, real_features)
+    return {"fid": fid_from_features(generated_features, real_features),
+            "kid_mean": kid_mean, "kid_std": kid_std}
+
+
+@torch.no_grad()
+def fid_of_generator(generator, dataset, device, batch_size=16, cache=None):
+    """{"fid", "kid_mean", "kid_std"} of a label -> photo generator on a PairDataset (e.g. the
+    training loop's validation set), against the dataset's photos.
+
+    The generator runs in eval mode; its mode is restored. Pass the same `cache` dict at every
+    call: it keeps the Inception network and the real photos' features, so later calls
+    featurise only the generated photos.
+    """
+    if getattr(dataset, "direction", "label2photo") != "label2photo":
+        raise ValueError("FID scores generated photos: the dataset must be label2photo")
+    cache = {} if cache is None else cache
+    if "inception" not in cache:
+        cache["inception"] = load_inception(device)
+    need_real = "real_features" not in cache
+    features = {"generated": [], "real": []}
+    was_training = generator.training
+    generator.eval()
+    try:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            source = torch.stack([item["source"] for item in items]).to(device)
+            images = {"generated": generator(source).float()}
+            if need_real:
+                images["real"] = torch.stack([item["target"] for item in items])
+            for side, batch in images.items():  # uint8 first: scored as saved photos would be
+                features[side].append(
+                    inception_features(cache["inception"], utils.to_uint8(batch), device))
+    finally:
+        generator.train(was_training)
+    if need_real:
+        cache["real_features"] = np.concatenate(features["real"])
+    return distribution_scores(np.concatenate(features["generated"]), cache["real_features"])

@@ -4,24 +4,30 @@
     python train.py --demo                      # synthetic street scenes, a few minutes on a CPU
     python train.py --resume checkpoints/latest.pth
     torchrun --nproc_per_node=4 train.py ...    # one process per GPU (DDP)
+
+Read top to bottom: the losses, the optimisers, one GAN step (`gan_step`), validation, and the
+loop (`train`), whose one step counter drives one maintenance block (log, validation, samples,
+checkpoints, stop).
 """
 
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import metrics
 import runtime as rt
 from config import TrainConfig, build_parser, merge_for_resume
-from loader import build_train_loader, build_val_dataset, fixed_batch
 from models import build_discriminator, build_generator
-from training_state import (RunLog, load_resume_state, make_checkpoint, restore_training_state,
-                            save_sample_grid, save_snapshot)
-from utils import UserError, make_folder, psnr, run_cli, save_checkpoint
+from training_state import (LOSS_NAMES, CheckpointWriter, LossMeter, Progress, RunLog,
+                            claim_outputs, generator_only, load_resume_state, make_checkpoint,
+                            restore_training_state, save_sample_grid)
+from utils import UserError, make_folder, psnr, run_cli
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
 
@@ -62,236 +68,326 @@ def lr_factor(epoch, epochs, decay_epochs):
     return 1.0 - (epoch - decay_start + 1) / (decay_epochs + 1)
 
 
-# --- Validation -------------------------------------------------------------------------------
+# --- Optimisers -----------------------------------------------------------------------------
 
+def adam_kernel(config, device):
+    """With --fused_adam one kernel updates every tensor (the same maths); otherwise PyTorch's
+    default, which on the CPU is about ten passes per tensor."""
+    return {"fused": (config.fused_adam and device.type in ("cpu", "cuda")) or None,
+            "foreach": None}
+
+
+def build_adam(module, config, device):
+    return torch.optim.Adam(module.parameters(), lr=config.lr,
+                            betas=(config.beta1, config.beta2), **adam_kernel(config, device))
+
+
+def apply_adam_kernel(optimizer, config, device):
+    """Loading a state dict brings back the saved run's kernel options: this run's flags win
+    (--no_fused_adam on resume). The step counters go where the chosen kernel keeps them."""
+    kernel = adam_kernel(config, device)
+    for group in optimizer.param_groups:
+        group.update(kernel)
+        on_device = bool(group["fused"]) or group.get("capturable", False)
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(param.device if on_device else "cpu")
+
+
+def set_lr(optimizers, lr):
+    """The learning rate is a function of the epoch, set at each epoch's start: --epochs or
+    --decay_epochs changed on resume apply from the first resumed epoch."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def step_in_backward(module, optimizer, config, runtime):
+    """Update each of `module`'s parameters as soon as backward has finished its gradient, and
+    free that gradient: Adam treats every tensor on its own, so this is the update that
+    optimizer.step() after backward would make, but the gradients never all exist at once
+    (the generator's are 218 MB in fp32). Returns False, changing nothing, where it can't apply:
+    under DDP (gradients are averaged after backward) and with fp16 (the gradient scaler
+    checks all of them first)."""
+    if not config.step_in_backward or runtime.ddp or runtime.precision == "fp16":
+        return False
+
+    def update(param):
+        optimizer.step()  # only parameters holding a gradient take part: this one
+        param.grad = None
+
+    for param in module.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(update)
+    return True
+
+
+# --- One GAN step ---------------------------------------------------------------------------
+
+class Networks(NamedTuple):
+    generator: torch.nn.Module  # the modules themselves (weights, modes, checkpoints)
+    discriminator: torch.nn.Module
+    generator_step: Callable  # what the step calls: DDP-wrapped and/or compiled
+    discriminator_step: Callable
+    discriminator_frozen: Callable  # D for the generator's update: no gradients, no DDP sync
+
+
+def gan_step(nets, optimizers, scaler, source, target, config, runtime, generator_in_backward):
+    """One pix2pix update of D, then G. Returns the losses (g_adv, g_l1, d_real, d_fake) as one
+    tensor on the device, unread: reading it would make the CPU wait for the GPU."""
+    generator_optimizer, discriminator_optimizer = optimizers
+    with runtime.autocast():
+        fake = nets.generator_step(source)
+
+    # The discriminator: (label, real) against (label, fake), the fake detached.
+    nets.discriminator.requires_grad_(True)
+    with runtime.autocast():
+        d_loss, d_real, d_fake = discriminator_loss(
+            nets.discriminator_step(source, target),
+            nets.discriminator_step(source, fake.detach()), config.gan_loss)
+    scaler.scale(d_loss).backward()
+    scaler.step(discriminator_optimizer)
+    discriminator_optimizer.zero_grad(set_to_none=True)  # freed now, not kept for a step
+
+    # The generator, through the frozen discriminator.
+    nets.discriminator.requires_grad_(False)
+    with runtime.autocast():
+        g_loss, g_adv, g_l1 = generator_loss(nets.discriminator_frozen(source, fake), fake,
+                                             target, config.lambda_l1, config.gan_loss)
+    scaler.scale(g_loss).backward()  # with step_in_backward: G is updated here
+    if not generator_in_backward:
+        scaler.step(generator_optimizer)
+    scaler.update()
+    generator_optimizer.zero_grad(set_to_none=True)
+    return torch.stack([g_adv, g_l1, d_real, d_fake]).detach()
+
+
+# --- Validation -------------------------------------------------------------------------------
 
 @torch.no_grad()
 def validate(generator, dataset, runtime):
-    """Mean L1 and PSNR of the generator (eval mode) over `dataset`, shared among processes."""
+    """Mean L1 and PSNR of the generator (eval mode, then back in the mode it was in) over
+    `dataset`, shared among processes."""
+    was_training = generator.training
     generator.eval()
     l1_sum = psnr_sum = count = 0.0
     indices = list(range(runtime.rank, len(dataset), runtime.world_size))
-    for start in range(0, len(indices), runtime.batch_size):
-        batch = fixed_batch(dataset, indices[start:start + runtime.batch_size], runtime)
-        with runtime.autocast():
-            fake = generator(batch["source"]).float()
-        target = batch["target"].float()
-        l1_sum += (fake - target).abs().flatten(1).mean(1).sum().item()
-        psnr_sum += psnr(fake, target).sum().item()
-        count += len(target)
-    generator.train()
+    try:
+        for start in range(0, len(indices), runtime.batch_size):
+            batch = rt.fixed_batch(dataset, indices[start:start + runtime.batch_size], runtime)
+            with runtime.autocast():
+                fake = generator(batch["source"]).float()
+            target = batch["target"].float()
+            l1_sum += (fake - target).abs().flatten(1).mean(1).sum().item()
+            psnr_sum += psnr(fake, target).sum().item()
+            count += len(target)
+    finally:
+        generator.train(was_training)
     l1_sum, psnr_sum, count = rt.sum_over_ranks([l1_sum, psnr_sum, count], runtime)
     return {"val_l1": l1_sum / max(count, 1), "val_psnr": psnr_sum / max(count, 1)}
 
 
-def validation_fid(generator, dataset, runtime, cache):
-    """FID and KID of the generator's validation photos (rank 0; the Inception network and
-    the real photos' features stay in `cache` between epochs)."""
-    from evaluate import fid_of_generator
-    scores = fid_of_generator(generator, dataset, runtime.device, runtime.batch_size,
-                              cache=cache)
-    return {"val_fid": scores["fid"], "val_kid": scores["kid_mean"]}
+def every(count, period):
+    return period > 0 and count % period == 0
+
+
+def step_limit_reached(step, config):
+    return config.max_steps > 0 and step >= config.max_steps
+
+
+def epochs_of_batches(loader, sampler, optimizers, progress, config):
+    """(epoch, batch, whether it ends its epoch) for every batch left in the run. Each epoch
+    first sets its learning rate and its sampler's order (skipping, when resuming mid-epoch,
+    the samples already used)."""
+    while progress.epoch < config.epochs and not step_limit_reached(progress.step, config):
+        epoch = progress.epoch
+        set_lr(optimizers, config.lr * lr_factor(epoch, config.epochs, config.decay_epochs))
+        sampler.set_epoch(epoch, skip_samples=progress.samples_done)
+        for done, batch in enumerate(loader, 1):
+            yield epoch, batch, done == len(loader)
+
+
+def total_steps(config, loader, runtime):
+    """Steps of the whole run, for the progress bar (from a full epoch's length)."""
+    per_process = -(-len(loader.dataset) // runtime.world_size)
+    steps = config.epochs * -(-per_process // config.batch_size)
+    return min(steps, config.max_steps) if config.max_steps else steps
+
+
+def save_checkpoints(writer, config, nets, optimizers, scaler, meter, progress, snapshot):
+    """generator.pth, latest.pth and (`snapshot`) epoch_N.pth, written in the background."""
+    latest = make_checkpoint(config, nets.generator, progress, nets.discriminator, optimizers,
+                             scaler, meter.running_state())
+    folder = Path(config.checkpoint_dir)
+    files = {folder / "generator.pth": generator_only(latest), folder / "latest.pth": latest}
+    if snapshot:
+        files[folder / f"epoch_{progress.epoch:04d}.pth"] = generator_only(latest)
+    writer.save(files)
 
 
 # --- The training loop ----------------------------------------------------------------------
 
-
-
-
-def train(config: TrainConfig, resume_from=None):
+def train(config: TrainConfig, resume_from=None, overwrite=False):
     """Train with `config`; returns a summary (last step and epoch, final validation numbers).
 
-    `resume_from` is (checkpoint dict, its path) of a latest.pth to continue.
+    `resume_from` is (checkpoint dict, its path) of a latest.pth to continue; `overwrite`
+    lets a new run replace the files of an earlier one in the same folders.
     """
     runtime = rt.setup(config)
     try:
-        return _train(config, runtime, resume_from)
+        return _train(config, runtime, resume_from, overwrite)
     finally:
         rt.teardown(runtime)
 
 
-def _train(config, runtime, resume_from):
-    if runtime.is_main:  # fail now, not after the first hour of training
-        make_folder(config.checkpoint_dir, "checkpoint_dir")
-        make_folder(config.sample_dir, "sample_dir")
-        make_folder(Path(config.log_file).parent, "log_file")
-        if Path(config.log_file).is_dir():
-            raise UserError(f"{config.log_file}: is a folder (--log_file)")
+def _train(config, runtime, resume_from, overwrite):
+    for folder, flag in ((config.checkpoint_dir, "checkpoint_dir"),
+                         (config.sample_dir, "sample_dir"), (Path(config.log_file).parent,
+                                                             "log_file")):
+        if runtime.is_main:  # fail now, not after the first hour of training
+            make_folder(folder, flag)
+    if Path(config.log_file).is_dir():
+        raise UserError(f"{config.log_file}: is a folder (--log_file)")
+    claim_outputs(config, overwrite, resume_from and resume_from[1], runtime.is_main)
 
-    # Build the networks and optimisers (identical initial weights on every process).
+    # Networks and optimisers: identical initial weights on every process.
     torch.manual_seed(config.seed)
-    model_config = config.model_config()
-    generator = rt.prepare(build_generator(model_config), config, runtime)
-    discriminator = rt.prepare(build_discriminator(model_config), config, runtime)
-    optimizers = (rt.build_adam(generator, config, runtime),
-                  rt.build_adam(discriminator, config, runtime))
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda epoch: lr_factor(epoch, config.epochs, config.decay_epochs))
-        for opt in optimizers]
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
+    generator = rt.prepare(build_generator(config.model_config()), config, runtime)
+    discriminator = rt.prepare(build_discriminator(config.model_config()), config, runtime)
+    optimizers = (build_adam(generator, config, runtime.device),
+                  build_adam(discriminator, config, runtime.device))
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     log = RunLog(config, runtime.is_main)
-    state = {"step": 0, "epoch": 0, "samples_done": 0, "elapsed": 0.0}
+    progress, running = Progress(), None
     if resume_from is not None:
         checkpoint, path = resume_from
-        state = restore_training_state(checkpoint, path, generator, discriminator, optimizers,
-                                       schedulers, scaler, log)
+        progress, running = restore_training_state(checkpoint, path, generator, discriminator,
+                                                   optimizers, scaler)
+        for optimizer in optimizers:
+            apply_adam_kernel(optimizer, config, runtime.device)
+        log.resume(progress.step)
     if runtime.rank > 0:  # other dropout draws on other processes
-        torch.manual_seed(config.seed + 1_000_003 * runtime.rank + state["step"])
-    generator_step, discriminator_step, discriminator_frozen = rt.wrap(
-        generator, discriminator, config, runtime)
-    generator_steps_in_backward = rt.step_in_backward(generator, optimizers[0], config, runtime)
+        torch.manual_seed(config.seed + 1_000_003 * runtime.rank + progress.step)
+    nets = Networks(generator, discriminator, *rt.wrap(generator, discriminator, config,
+                                                       runtime))
+    generator_in_backward = step_in_backward(generator, optimizers[0], config, runtime)
+    meter = LossMeter(runtime.device, running)
 
-    # Data.
-    train_loader, sampler = build_train_loader(config, runtime)
-    # The decided label half goes into every checkpoint's configuration: a resume reads the
-    # same half whatever the detector would say of the folder then.
-    config.layout = train_loader.dataset.layout
-    config.label_side = train_loader.dataset.label_side or config.label_side
-    val_dataset = build_val_dataset(config, runtime, train_loader.dataset)
-    sample_batch = fixed_batch(val_dataset, range(min(config.num_samples, len(val_dataset))),
-                               runtime)
-    stop = rt.StopFlag(runtime)
-    # FID needs the Inception weights: fail at start, not after the first epoch.
+    # Data. The decided layout and label half go into every checkpoint's configuration: a
+    # resume reads the same half whatever the detector would say of the folder then.
+    loader, sampler = rt.build_train_loader(config, runtime)
+    config.layout = loader.dataset.layout
+    config.label_side = loader.dataset.label_side or config.label_side
+    val_dataset = rt.build_val_dataset(config, runtime, loader.dataset)
+    sample_batch = rt.fixed_batch(val_dataset, range(min(config.num_samples, len(val_dataset))),
+                                  runtime)
     fid_cache = {} if config.fid_every_epochs and runtime.is_main else None
     if fid_cache is not None:
-        from metrics import inception_path
-        inception_path()
-    start_time = time.time() - state["elapsed"]
+        metrics.inception_path()  # the weights are needed: fail now, not after an epoch
+
+    stop = rt.StopFlag(runtime)
+    start_time = time.time() - progress.elapsed
     last_val = {}
+    # The bar is closed on an error too, so that the error's line does not land on the bar's;
+    # the writer finishes the last checkpoint before train() returns or raises.
+    with stop.installed(), CheckpointWriter() as writer, tqdm(
+            initial=progress.step, total=total_steps(config, loader, runtime), unit="step",
+            disable=not runtime.is_main, dynamic_ncols=True, leave=False) as bar:
+        for epoch, batch, epoch_end in epochs_of_batches(loader, sampler, optimizers, progress,
+                                                         config):
+            source = runtime.to_device(batch["source"])  # (B, 3, H, W) in [-1, 1]
+            target = runtime.to_device(batch["target"])
+            losses = gan_step(nets, optimizers, scaler, source, target, config, runtime,
+                              generator_in_backward)
+            progress.step += 1
+            progress.samples_done += config.batch_size * runtime.world_size
+            if epoch_end:
+                progress.epoch, progress.samples_done = epoch + 1, 0
+            meter.add(losses, progress.step)
+            bar.set_description(f"epoch {epoch + 1}/{config.epochs}", refresh=False)
+            bar.update()
 
-    def save_state():
-        if not runtime.is_main:
-            return
-        state["elapsed"] = time.time() - start_time
-        folder = runtime.checkpoint_dir
-        save_checkpoint(make_checkpoint(config, generator, state), folder / "generator.pth")
-        save_checkpoint(make_checkpoint(config, generator, state, discriminator, optimizers,
-                                        schedulers, scaler, log), folder / "latest.pth")
-        log.save()
-
-    def write_samples():
-        if runtime.is_main:
-            save_sample_grid(generator, sample_batch, runtime, config.sample_dir, state["step"])
-
-    with stop.installed():
-        for epoch in range(state["epoch"], config.epochs):
-            state["epoch"] = epoch
-            sampler.set_epoch(epoch, skip_samples=state["samples_done"])
-            steps_left = len(train_loader)
-            batches_done = 0
-            bar = tqdm(train_loader, total=steps_left,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=not runtime.is_main,
-                       dynamic_ncols=True, leave=False)
-            for batch in bar:
-                source = runtime.to_device(batch["source"])  # (B, 3, H, W) in [-1, 1]
-                target = runtime.to_device(batch["target"])
-                with runtime.autocast():
-                    fake = generator_step(source)
-
-                # Update discriminator: (label, real) vs (label, fake), fake detached.
-                discriminator.requires_grad_(True)
-                with runtime.autocast():
-                    d_loss, d_real, d_fake = discriminator_loss(
-                        discriminator_step(source, target),
-                        discriminator_step(source, fake.detach()), config.gan_loss)
-                scaler.scale(d_loss).backward()
-                scaler.step(optimizers[1])
-                optimizers[1].zero_grad(set_to_none=True)  # freed now, not kept for a step
-
-                # Update generator through the frozen discriminator (no D gradients, no sync).
-                discriminator.requires_grad_(False)
-                with runtime.autocast():
-                    g_loss, g_adv, g_l1 = generator_loss(
-                        discriminator_frozen(source, fake), fake, target, config.lambda_l1,
-                        config.gan_loss)
-                scaler.scale(g_loss).backward()  # with step_in_backward: G updated here
-                if not generator_steps_in_backward:
-                    scaler.step(optimizers[0])
-                scaler.update()
-                optimizers[0].zero_grad(set_to_none=True)
-
-                # Bookkeeping: log, samples, checkpoints, stop requests.
-                state["step"] += 1
-                batches_done += 1
-                state["samples_done"] += config.batch_size * runtime.world_size
-                step = state["step"]
-                losses = torch.stack([g_adv, g_l1, d_real, d_fake]).detach().tolist()
-                log.add_step(losses, step)
-                bar.set_postfix(G_adv=f"{losses[0]:.3f}", G_L1=f"{losses[1]:.3f}",
-                                D_real=f"{losses[2]:.3f}", D_fake=f"{losses[3]:.3f}")
-                end_of_epoch = batches_done == steps_left
-                if step % config.log_every_steps == 0 or end_of_epoch:
-                    log.flush_steps(step, epoch, optimizers[0].param_groups[0]["lr"],
-                                    time.time() - start_time, runtime)
-                if config.sample_every_steps and step % config.sample_every_steps == 0:
-                    write_samples()
-                stopping = stop.poll() or step == config.max_steps
-                periodic = config.checkpoint_every_steps and \
-                    step % config.checkpoint_every_steps == 0
-                if (periodic or stopping) and not end_of_epoch:  # epoch ends save below
-                    save_state()
-                if stopping:
-                    break
-            bar.close()
-            if batches_done < steps_left:  # stopped mid-epoch
-                break
-
-            # End of epoch: validation, LR schedule, samples, checkpoints.
-            if (epoch + 1) % config.val_every_epochs == 0 or epoch + 1 == config.epochs:
+            # Maintenance: what is due at this step (or at this epoch's end).
+            step = progress.step
+            stopping = (stop.due(step, epoch_end) and stop.poll()) or \
+                step_limit_reached(step, config)
+            save = epoch_end or stopping or every(step, config.checkpoint_every_steps)
+            write_log = epoch_end or every(step, config.log_every_steps)
+            samples = every(step, config.sample_every_steps) or (
+                epoch_end and not config.sample_every_steps)
+            validation = epoch_end and (every(progress.epoch, config.val_every_epochs) or
+                                        progress.epoch == config.epochs)
+            if not (save or write_log or samples or validation):
+                continue
+            # The losses are read here, once; nothing is written if one was not finite.
+            *sums, count, any_bad = rt.sum_over_ranks(meter.totals(), runtime)
+            meter.raise_if_bad(any_bad > 0)
+            if write_log:
+                means = {name: s / max(count, 1) for name, s in zip(LOSS_NAMES, sums)}
+                log.add_steps(step, epoch, means, optimizers[0].param_groups[0]["lr"],
+                              time.time() - start_time)
+                meter.reset()
+                bar.set_postfix({name: f"{v:.3f}" for name, v in means.items()})
+            if validation:
                 last_val = validate(generator, val_dataset, runtime)
-                if fid_cache is not None and (epoch + 1) % config.fid_every_epochs == 0:
-                    last_val.update(validation_fid(generator, val_dataset, runtime, fid_cache))
-                log.add_epoch(epoch, state["step"], last_val, time.time() - start_time)
+                if fid_cache is not None and every(progress.epoch, config.fid_every_epochs):
+                    scores = metrics.fid_of_generator(generator, val_dataset, runtime.device,
+                                                      runtime.batch_size, fid_cache)
+                    last_val.update(val_fid=scores["fid"], val_kid=scores["kid_mean"])
+                log.add_epoch(epoch, step, last_val, time.time() - start_time)
                 if runtime.is_main:
-                    fid = f", FID {last_val['val_fid']:.2f}" if "val_fid" in last_val else ""
-                    tqdm.write(f"epoch {epoch + 1}/{config.epochs}: step {state['step']}, "
-                               f"val L1 {last_val['val_l1']:.4f}, "
-                               f"val PSNR {last_val['val_psnr']:.2f} dB{fid}")
-            for scheduler in schedulers:
-                scheduler.step()
-            state["epoch"], state["samples_done"] = epoch + 1, 0
-            if not config.sample_every_steps:
-                write_samples()
-            save_state()
-            if runtime.is_main and config.snapshot_every_epochs and \
-                    (epoch + 1) % config.snapshot_every_epochs == 0:
-                save_snapshot(config, generator, state, runtime.checkpoint_dir)
-            if stop.stopped or state["step"] == config.max_steps:
+                    tqdm.write(describe_epoch(epoch, config.epochs, step, last_val))
+            if samples and runtime.is_main:
+                save_sample_grid(generator, sample_batch, runtime, config.sample_dir, step)
+            if save and runtime.is_main:
+                progress.elapsed = time.time() - start_time
+                snapshot = epoch_end and every(progress.epoch, config.snapshot_every_epochs)
+                save_checkpoints(writer, config, nets, optimizers, scaler, meter, progress,
+                                 snapshot)
+            if stopping:
                 break
 
     if stop.stopped and runtime.is_main:
         launcher = "torchrun ... train.py" if runtime.ddp else "python train.py"
-        print(f"interrupted at step {state['step']}; resume with: {launcher} --resume "
+        print(f"interrupted at step {progress.step}; resume with: {launcher} --resume "
               f"{runtime.checkpoint_dir / 'latest.pth'}", file=sys.stderr)
-    return {"step": state["step"], "epoch": state["epoch"], "interrupted": stop.stopped,
+    return {"step": progress.step, "epoch": progress.epoch, "interrupted": stop.stopped,
             **last_val}
 
 
-# --- Command line ---------------------------------------------------------------------------
+def describe_epoch(epoch, epochs, step, values):
+    fid = f", FID {values['val_fid']:.2f}" if "val_fid" in values else ""
+    return (f"epoch {epoch + 1}/{epochs}: step {step}, val L1 {values['val_l1']:.4f}, "
+            f"val PSNR {values['val_psnr']:.2f} dB{fid}")
 
+
+# --- Command line ---------------------------------------------------------------------------
 
 def parse(argv=None):
     parser = build_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--resume", metavar="CHECKPOINT", default=None,
                         help="continue the run saved in this latest.pth")
+    parser.add_argument("--overwrite", action="store_true", default=False,
+                        help="start a new run where another run's checkpoints, log or sample "
+                             "grids are, removing them (without it, such a start is refused)")
     parser.add_argument("--demo", action="store_true", default=False,
                         help="make the synthetic demo set and train on it (a few minutes)")
     args = vars(parser.parse_args(argv))
-    return args.pop("resume"), args.pop("demo"), args
+    return args.pop("resume"), args.pop("overwrite"), args.pop("demo"), args
 
 
 def main(argv=None):
-    resume, demo, given = parse(argv)
+    resume, overwrite, demo, given = parse(argv)
     if demo:
-        import demo
-        return demo.run(given)
+        from demo.run import demo_config, report
+        config = demo_config(given)
+        return report(config, train(config, overwrite=overwrite))
     if resume:
         checkpoint = load_resume_state(resume)
         config = merge_for_resume(checkpoint["config"], given)
-        summary = train(config, resume_from=(checkpoint, resume))
-    else:
-        summary = train(TrainConfig(**given))
-    return summary
+        return train(config, resume_from=(checkpoint, resume), overwrite=overwrite)
+    return train(TrainConfig(**given), overwrite=overwrite)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
-"""What a training run leaves on disk: checkpoints, the JSON loss log, sample grids.
+"""What a training run leaves on disk: checkpoints (written in the background), the JSON loss
+log, sample grids; and the rule that a new run never replaces an old one.
 
 Checkpoint format (a plain dict; loads with torch.load(weights_only=True)):
   format, version, config (TrainConfig as a dict, with "model"), step, epoch, samples_done
   (of this epoch, over all processes), generator (state dict); latest.pth adds discriminator,
-  both optimisers, both LR schedulers, the grad scaler, RNG states, the log's running sums and
-  the elapsed seconds.
+  both optimisers, the grad scaler, RNG states, the loss log's running sums and the elapsed
+  seconds. The learning rate is a function of the epoch (train.lr_factor), so no scheduler
+  state is kept; older checkpoints' scheduler entries are ignored.
 """
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
 
-import runtime as rt
 from utils import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, atomic_write,
                    get_rng_state, load_checkpoint, load_state, one_line, save_checkpoint,
                    save_json, set_rng_state)
@@ -22,15 +25,63 @@ from utils import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, atomic_writ
 LOSS_NAMES = ("g_adv", "g_l1", "d_real", "d_fake")
 
 
-def make_checkpoint(config, generator, state, discriminator=None, optimizers=None,
-                    schedulers=None, scaler=None, log=None):
+@dataclass
+class Progress:
+    """The loop's counters: saved in every checkpoint, restored on resume."""
+    step: int = 0
+    epoch: int = 0
+    samples_done: int = 0  # of this epoch, over all processes
+    elapsed: float = 0.0
+
+
+# --- A new run never replaces an old one ----------------------------------------------------
+
+def run_files(config):
+    """The files a run in these output folders writes that exist now."""
+    checkpoints, samples = Path(config.checkpoint_dir), Path(config.sample_dir)
+    found = [checkpoints / name for name in ("latest.pth", "generator.pth")]
+    found += sorted(checkpoints.glob("epoch_*.pth")) if checkpoints.is_dir() else []
+    found += sorted(samples.glob("step_*.png")) if samples.is_dir() else []
+    found.append(Path(config.log_file))
+    return [path for path in found if path.is_file()]
+
+
+def claim_outputs(config, overwrite=False, resume_path=None, is_main=True):
+    """Refuse to start where another run's files are, unless `overwrite` (which removes them,
+    on the main process). A resumed run owns its folder's files, if its latest.pth is the one
+    it resumes from."""
+    found = run_files(config)
+    if resume_path is not None:
+        latest = Path(config.checkpoint_dir) / "latest.pth"
+        if not latest.exists() or latest.resolve() == Path(resume_path).resolve():
+            return
+        found = [latest]
+    if not found or (overwrite and not is_main):
+        return
+    if not overwrite:
+        names = ", ".join(str(p) for p in found[:3]) + (f" and {len(found) - 3} more"
+                                                         if len(found) > 3 else "")
+        raise UserError(f"{names}: another run's files are there; continue it with --resume "
+                        f"{Path(config.checkpoint_dir) / 'latest.pth'}, replace it with "
+                        "--overwrite, or pass other --checkpoint_dir/--log_file/--sample_dir")
+    for path in found:
+        path.unlink(missing_ok=True)
+    print(f"--overwrite: removed {len(found)} file(s) of the previous run")
+
+
+# --- Checkpoints ----------------------------------------------------------------------------
+
+def make_checkpoint(config, generator, progress, discriminator=None, optimizers=None,
+                    scaler=None, running=None):
+    """The checkpoint dict: generator.pth's, or latest.pth's when `discriminator` is given.
+    Its tensors are the live ones: CheckpointWriter copies them before training goes on."""
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "config": config.to_dict(),
-        "step": state["step"],
-        "epoch": state["epoch"],
-        "samples_done": state["samples_done"],
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "samples_done": progress.samples_done,
         "generator": generator.state_dict(),
     }
     if discriminator is not None:
@@ -38,16 +89,14 @@ def make_checkpoint(config, generator, state, discriminator=None, optimizers=Non
             discriminator=discriminator.state_dict(),
             generator_optimizer=optimizers[0].state_dict(),
             discriminator_optimizer=optimizers[1].state_dict(),
-            generator_scheduler=schedulers[0].state_dict(),
-            discriminator_scheduler=schedulers[1].state_dict(),
             scaler=scaler.state_dict(),
             rng=get_rng_state(),
-            log_running=log.running_state(),
-            elapsed=state["elapsed"],
+            log_running=running,
+            elapsed=progress.elapsed,
         )
     for what in ("generator", "discriminator"):
         if what in checkpoint:
-            _refuse_non_finite(checkpoint[what], what, state["step"])
+            _refuse_non_finite(checkpoint[what], what, progress.step)
     return checkpoint
 
 
@@ -61,6 +110,74 @@ def _refuse_non_finite(state_dict, what, step):
                         "or fp32)")
 
 
+GENERATOR_KEYS = ("format", "version", "config", "step", "epoch", "samples_done", "generator")
+
+
+def generator_only(checkpoint):
+    """generator.pth's checkpoint out of latest.pth's (the same objects, copied once)."""
+    return {k: checkpoint[k] for k in GENERATOR_KEYS}
+
+
+def cpu_copy(value):
+    """`value` with every tensor in it copied to the CPU (dicts, lists and tuples walked)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
+class CheckpointWriter:
+    """Saves checkpoints in a background thread while training goes on.
+
+    `save` copies the tensors (a memory copy, or one device-to-host transfer on a GPU), then
+    returns; the thread writes each file atomically (temporary file, fsync, rename), so a crash
+    at any moment leaves the previous complete file. One save is in flight at a time: the next
+    `save` and `close` wait for it, and re-raise its error (a full disk, say) there.
+    """
+
+    def __init__(self, background=True):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if background else None
+        self.pending = None
+
+    def save(self, checkpoints):
+        """`checkpoints`: {path: checkpoint dict}, written in that order."""
+        self.wait()
+        copies, seen = {}, {}
+        for path, checkpoint in checkpoints.items():  # generator.pth shares latest.pth's copy
+            copies[path] = {k: seen[id(v)] if id(v) in seen else seen.setdefault(id(v),
+                                                                                 cpu_copy(v))
+                            for k, v in checkpoint.items()}
+        if self.pool is None:
+            return _write_all(copies)
+        self.pending = self.pool.submit(_write_all, copies)
+
+    def wait(self):
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+
+def _write_all(copies):
+    for path, checkpoint in copies.items():
+        save_checkpoint(checkpoint, path)
+
+
 def load_resume_state(path):
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.get("config"), dict):
@@ -71,53 +188,93 @@ def load_resume_state(path):
     return checkpoint
 
 
-def restore_training_state(checkpoint, path, generator, discriminator, optimizers, schedulers,
-                           scaler, log):
-    """Load everything a resumed run needs; returns the loop's counters."""
+def restore_training_state(checkpoint, path, generator, discriminator, optimizers, scaler):
+    """Load everything a resumed run needs; returns (Progress, the loss log's running sums).
+
+    A scaler saved disabled (a run that was not fp16) has no state: an fp16 resume starts its
+    scale afresh, as a new fp16 run would."""
     load_state(generator, checkpoint["generator"], path, "generator")
     load_state(discriminator, checkpoint["discriminator"], path, "discriminator")
     try:
         optimizers[0].load_state_dict(checkpoint["generator_optimizer"])
         optimizers[1].load_state_dict(checkpoint["discriminator_optimizer"])
-        schedulers[0].load_state_dict(checkpoint["generator_scheduler"])
-        schedulers[1].load_state_dict(checkpoint["discriminator_scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if scaler.is_enabled() and checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
-        log.resume(checkpoint["step"], checkpoint["log_running"])
+        progress = Progress(step=checkpoint["step"], epoch=checkpoint["epoch"],
+                            samples_done=checkpoint["samples_done"],
+                            elapsed=checkpoint["elapsed"])
+        running = checkpoint["log_running"]
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}: the training state is incomplete or does not fit this run "
                         f"({type(e).__name__}: {one_line(e)[:120]})") from None
-    return {"step": checkpoint["step"], "epoch": checkpoint["epoch"],
-            "samples_done": checkpoint["samples_done"], "elapsed": checkpoint["elapsed"]}
+    return progress, running
+
+
+# --- The loss log ---------------------------------------------------------------------------
+
+class LossMeter:
+    """The step losses, summed on the device: reading them would make the CPU wait for the
+    GPU, so they are read only at log intervals and before anything is saved. Remembers the
+    first step whose losses were not finite, with its values."""
+
+    def __init__(self, device, running=None):
+        self.sums = torch.zeros(len(LOSS_NAMES), device=device)
+        self.count = 0
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_values = torch.zeros(len(LOSS_NAMES), device=device)
+        if running:
+            self.sums += torch.tensor(running["sums"], device=device)
+            self.count = running["count"]
+
+    def add(self, losses, step):
+        losses = losses.detach().float()
+        newly_bad = (self.first_bad_step < 0) & ~losses.isfinite().all()
+        self.first_bad_step = torch.where(newly_bad, step, self.first_bad_step)
+        self.bad_values = torch.where(newly_bad, losses, self.bad_values)
+        self.sums += losses
+        self.count += 1
+
+    def totals(self):
+        """(sums..., count, any bad step): one vector, to be summed over processes."""
+        bad = (self.first_bad_step >= 0).double()[None]
+        return torch.cat([self.sums.double(), torch.tensor([float(self.count)],
+                          dtype=torch.float64, device=self.sums.device), bad])
+
+    def raise_if_bad(self, any_bad):
+        """`any_bad`: whether some process saw a non-finite loss (from the summed totals)."""
+        if not any_bad:
+            return
+        step = int(self.first_bad_step)
+        if step < 0:
+            raise UserError("non-finite loss on another process; stopped without saving, the "
+                            "last good checkpoint is kept (try a lower --lr or fp32)")
+        values = ", ".join(f"{n}={v:.4g}" for n, v in zip(LOSS_NAMES, self.bad_values.tolist()))
+        raise UserError(f"step {step}: non-finite loss ({values}); stopped without saving, "
+                        "the last good checkpoint is kept (try a lower --lr or fp32)")
+
+    def reset(self):
+        self.sums.zero_()
+        self.count = 0
+
+    def running_state(self):
+        return {"sums": self.sums.tolist(), "count": self.count}
 
 
 class RunLog:
     """The JSON loss log: per logging interval the mean losses, LR and seconds; per epoch the
-    validation numbers. One JSON document, rewritten atomically (rank 0 only)."""
+    validation numbers. One JSON document, rewritten atomically (rank 0 only). It is handed
+    numbers already averaged over processes."""
 
     def __init__(self, config, is_main=True):
         self.path = Path(config.log_file)
         self.is_main = is_main
         self.document = {"format": "pix2pix-log", "config": config.to_dict(),
                          "steps": [], "epochs": []}
-        self.sums = [0.0] * len(LOSS_NAMES)
-        self.count = 0
 
-    def add_step(self, losses, step):
-        if not all(math.isfinite(v) for v in losses):
-            values = ", ".join(f"{n}={v:.4g}" for n, v in zip(LOSS_NAMES, losses))
-            raise UserError(f"step {step}: non-finite loss ({values}); stopped without saving, "
-                            "the last good checkpoint is kept (try a lower --lr or fp32)")
-        self.sums = [s + v for s, v in zip(self.sums, losses)]
-        self.count += 1
-
-    def flush_steps(self, step, epoch, lr, seconds, runtime):
-        """Append the interval's means (averaged over processes) and rewrite the file."""
-        *sums, count = rt.sum_over_ranks([*self.sums, float(self.count)], runtime)
-        means = {name: s / max(count, 1) for name, s in zip(LOSS_NAMES, sums)}
+    def add_steps(self, step, epoch, means, lr, seconds):
         self.document["steps"].append({"step": step, "epoch": epoch, **means, "lr": lr,
                                        "seconds": round(seconds, 3)})
-        self.sums, self.count = [0.0] * len(LOSS_NAMES), 0
         self.save()
 
     def add_epoch(self, epoch, step, values, seconds):
@@ -134,12 +291,8 @@ class RunLog:
         if self.is_main:
             save_json(self.document, self.path)
 
-    def running_state(self):
-        return {"sums": list(self.sums), "count": self.count}
-
-    def resume(self, step, running):
+    def resume(self, step):
         """Continue the log on disk, dropping entries written after the checkpoint's step."""
-        self.sums, self.count = list(running["sums"]), running["count"]
         if not self.path.exists():
             return
         try:
@@ -151,24 +304,22 @@ class RunLog:
                             "pass another --log_file") from None
 
 
+# --- Sample grids ---------------------------------------------------------------------------
+
 @torch.no_grad()
 def save_sample_grid(generator, batch, runtime, folder, step):
-    """PNG grid, one row per validation pair: input | generated | target (generator in eval)."""
+    """PNG grid, one row per validation pair: input | generated | target (generator in eval
+    mode, then back in the mode it was in)."""
     was_training = generator.training
     generator.eval()
-    with runtime.autocast():
-        fake = generator(batch["source"]).float()
-    generator.train(was_training)
+    try:
+        with runtime.autocast():
+            fake = generator(batch["source"]).float()
+    finally:
+        generator.train(was_training)
     rows = torch.stack([batch["source"].float(), fake, batch["target"].float()], dim=1)
     grid = make_grid(rows.flatten(0, 1).cpu(), nrow=3, padding=2, normalize=True,
                      value_range=(-1, 1))
     path = Path(folder) / f"step_{step:07d}.png"
     atomic_write(path, lambda f: save_image(grid, f, format="png"))
-    return path
-
-
-def save_snapshot(config, generator, state, folder):
-    """A generator-only checkpoint kept per epoch (loads in inference.py)."""
-    path = Path(folder) / f"epoch_{state['epoch']:04d}.pth"
-    save_checkpoint(make_checkpoint(config, generator, state), path)
     return path

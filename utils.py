@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 CHECKPOINT_FORMAT = "pix2pix-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -277,9 +276,12 @@ def get_rng_state():
 
 
 def set_rng_state(state):
+    """Restore what get_rng_state saved. CUDA generators are restored for the GPUs both
+    machines have: a run saved on 8 GPUs resumes on 1 (or on the CPU) with the first ones."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # --- Images ---------------------------------------------------------------------------------
@@ -292,12 +294,6 @@ def to_unit_range(image_uint8):
 def to_uint8(image):
     """Float tensor in [-1, 1] -> uint8 tensor, rounding to nearest."""
     return image.detach().float().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def save_png(image, path):
-    """Save a (3, H, W) tensor in [-1, 1] as a PNG, atomically."""
-    array = to_uint8(image).permute(1, 2, 0).cpu().numpy()
-    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def psnr(prediction, target):

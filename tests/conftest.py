@@ -15,7 +15,7 @@ from PIL import Image
 
 from cityscapes import COLORS
 from config import TrainConfig
-from demo_data import real_profile_pair, save_real_profile_jpeg, write_demo_dataset
+from demo.data import real_profile_pair, save_real_profile_jpeg, write_demo_dataset
 from utils import run_cli
 
 REPO = Path(__file__).resolve().parent.parent  # where the scripts live (pytest.ini: pythonpath)
@@ -74,7 +74,7 @@ def write_dataset(root, layout="side_by_side", splits=(("train", 4), ("val", 2))
 
     side_by_side: `k.jpg` holds the photo and the label map side by side (label on
     `label_side`, the public set has it on the right); paired: `k_input.jpg` (label map) and
-    `k_target.jpg` (photo). `size` is an int (square: the scenes of demo_data.real_profile_pair,
+    `k_target.jpg` (photo). `size` is an int (square: the scenes of demo.data.real_profile_pair,
     saved as the public set was) or (height, width) (draw_label_map and draw_photo).
     """
     root = Path(root)
@@ -99,7 +99,7 @@ def write_dataset(root, layout="side_by_side", splits=(("train", 4), ("val", 2))
 
 
 def save_real_profile(array, path):
-    """JPEG files as the public set's (demo_data.save_real_profile_jpeg), others lossless."""
+    """JPEG files as the public set's (demo.data.save_real_profile_jpeg), others lossless."""
     if Path(path).suffix.lower() not in (".jpg", ".jpeg"):
         return save_image(array, path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -127,26 +127,23 @@ TINY = {"generator_channels": 8, "discriminator_channels": 8}
 
 def write_checkpoint(path, image_size=32, latest=False, seed=0, **options):
     """A real checkpoint of a tiny, untrained model: generator.pth style, or latest.pth style
-    (with the discriminator, optimisers, schedulers, scaler and log state) if `latest`."""
+    (with the discriminator, optimisers, scaler and log state) if `latest`."""
     from config import TrainConfig
     from models import build_discriminator, build_generator
-    from training_state import RunLog, make_checkpoint
+    from training_state import LossMeter, Progress, make_checkpoint
     from utils import save_checkpoint
 
     torch.manual_seed(seed)
     config = TrainConfig(image_size=image_size, **TINY, **options)
     generator = build_generator(config.model_config())
-    state = {"step": 0, "epoch": 0, "samples_done": 0, "elapsed": 0.0}
     if latest:
         discriminator = build_discriminator(config.model_config())
         optimizers = [torch.optim.Adam(m.parameters()) for m in (generator, discriminator)]
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda epoch: 1.0)
-                      for o in optimizers]
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        checkpoint = make_checkpoint(config, generator, state, discriminator, optimizers,
-                                     schedulers, scaler, RunLog(config, is_main=False))
+        checkpoint = make_checkpoint(config, generator, Progress(), discriminator, optimizers,
+                                     scaler, LossMeter("cpu").running_state())
     else:
-        checkpoint = make_checkpoint(config, generator, state)
+        checkpoint = make_checkpoint(config, generator, Progress())
     save_checkpoint(checkpoint, path)
     return Path(path)
 
@@ -213,7 +210,8 @@ def assert_clean_failure(result, *names):
 
 TINY_TRAINING = {"image_size": 32, "generator_channels": 8, "discriminator_channels": 8,
                  "batch_size": 2, "num_workers": 0, "log_every_steps": 1,
-                 "sample_every_steps": 0, "checkpoint_every_steps": 0}
+                 "sample_every_steps": 0, "checkpoint_every_steps": 0,
+                 "precision": "fp32"}  # strict maths whatever the CPU; `auto` has its own tests
 
 
 @pytest.fixture(scope="session")

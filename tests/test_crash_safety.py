@@ -21,6 +21,7 @@ from PIL import Image
 
 import inference
 import train
+import training_state
 import utils
 from utils import UserError, load_checkpoint, save_checkpoint, save_json
 
@@ -363,7 +364,7 @@ def test_a_full_disk_during_training_stops_and_keeps_the_last_checkpoint(tmp_pat
             inject_fault(monkeypatch, "full disk", FAULTS["full disk"], lambda: None)
         return real_save(checkpoint, path)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint_on_a_filling_disk)
+    monkeypatch.setattr(training_state, "save_checkpoint", save_checkpoint_on_a_filling_disk)
     with pytest.raises(UserError, match="No space left on device") as error:
         train.train(config)
     assert str(latest) in str(error.value)

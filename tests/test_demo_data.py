@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from cityscapes import COLORS
-from demo_data import (apply_color_lookup, fit_color_lookup, lookup_l1, main,
-                       nearest_palette_index, write_demo_dataset)
-from scenes import PALETTE, make_scene
+from demo.data import main, write_demo_dataset
+from demo.run import apply_color_lookup, fit_color_lookup, lookup_l1, palette_index
+from demo.scenes import CLASS_INDEX, PALETTE, make_scene
 
 MAIN_CLASSES = ["sky", "building", "road", "sidewalk", "vegetation", "car", "person", "pole"]
 
@@ -157,7 +157,7 @@ def two_class_label():
 
 
 def test_every_palette_colour_is_its_own_nearest():
-    assert np.array_equal(nearest_palette_index(PALETTE), np.arange(len(PALETTE)))
+    assert np.array_equal(palette_index(PALETTE[None]), np.arange(len(PALETTE))[None])
 
 
 def test_lookup_is_exact_for_constant_class_colours():
@@ -165,7 +165,8 @@ def test_lookup_is_exact_for_constant_class_colours():
     road = class_mask(label, "road")[..., None]
     photo = np.where(road, [90, 80, 70], [150, 190, 230]).astype(np.uint8)
     table = fit_color_lookup([(label, photo)])
-    assert set(table) == {COLORS["road"], COLORS["sky"]}
+    seen = {k for k in range(len(PALETTE)) if not (table[k] == 128).all()}
+    assert seen == {CLASS_INDEX["road"], CLASS_INDEX["sky"]}
     assert lookup_l1(table, [(label, photo)]) == pytest.approx(0.0, abs=1e-12)
     assert np.array_equal(apply_color_lookup(table, label), photo)
 
@@ -175,7 +176,7 @@ def test_lookup_l1_matches_a_hand_computed_value():
     photo = np.full((4, 4, 3), 100, dtype=np.uint8)
     photo[0::2, :2], photo[1::2, :2] = 10, 30  # road: mean 20, every pixel 10 away from it
     table = fit_color_lookup([(label, photo)])
-    np.testing.assert_allclose(table[COLORS["road"]], [20, 20, 20])
+    np.testing.assert_allclose(table[CLASS_INDEX["road"]], [20, 20, 20])
     # Half the pixels are off by 10 in every channel, the other half exact.
     assert lookup_l1(table, [(label, photo)]) == pytest.approx(0.5 * 10 / 127.5)
 
@@ -184,6 +185,7 @@ def test_lookup_tolerates_jpeg_noise_and_paints_unseen_classes_grey():
     label = two_class_label()
     jitter = np.random.default_rng(0).integers(-12, 13, label.shape)
     noisy = np.clip(label.astype(int) + jitter, 0, 255)
-    table = {COLORS["road"]: np.array([90.0, 80.0, 70.0])}
+    table = np.full((len(PALETTE), 3), 128.0)
+    table[CLASS_INDEX["road"]] = [90, 80, 70]
     painted = apply_color_lookup(table, noisy.astype(np.uint8))
     assert (painted[:, :2] == [90, 80, 70]).all() and (painted[:, 2:] == 128).all()

@@ -14,6 +14,7 @@ from PIL import Image
 
 import cityscapes
 import evaluate
+import metrics
 from cityscapes import COLORS, LABELS, NUM_TRAIN_IDS, decode_train_ids
 from dataset import PairDataset
 from utils import UserError
@@ -121,11 +122,11 @@ def test_fid_of_generator_for_the_training_loop(make_dataset):
     dataset = PairDataset(data / "val", image_size=32, train=False)
     generator = build_generator(ModelConfig(image_size=32, generator_channels=8)).train()
     cache = {}
-    first = evaluate.fid_of_generator(generator, dataset, "cpu", batch_size=3, cache=cache)
+    first = metrics.fid_of_generator(generator, dataset, "cpu", batch_size=3, cache=cache)
     assert generator.training  # its mode is restored
     assert set(first) == {"fid", "kid_mean", "kid_std"} and first["fid"] > 0
     assert cache["real_features"].shape == (4, 2048)
-    again = evaluate.fid_of_generator(generator, dataset, "cpu", batch_size=4, cache=cache)
+    again = metrics.fid_of_generator(generator, dataset, "cpu", batch_size=4, cache=cache)
     assert again["fid"] == pytest.approx(first["fid"], rel=1e-5)
 
 

@@ -1,6 +1,6 @@
 """The label half and label maps on data with the real public set's profile.
 
-Every fixture here is made by demo_data.real_profile_pair at 256x256 and saved as the public set
+Every fixture here is made by demo.data.real_profile_pair at 256x256 and saved as the public set
 was (JPEG quality 95, 4:2:0), so the label halves ring and have blended borders and the photos
 are dark and grey: the opposite of what our clean scenes look like, and what broke the
 distinct-colour rule on the real set.
@@ -20,7 +20,7 @@ from cityscapes import COLORS, LABEL_IDS, LABELS
 from config import merge_for_resume
 from conftest import REPO, run_in_process, tiny_config
 from dataset import PairDataset, find_pairs, read_rgb
-from demo_data import real_profile_pair, save_real_profile_jpeg
+from demo.data import real_profile_pair, save_real_profile_jpeg
 from labelmaps import colorize_ids, decide_half, detect_label_side, distinct_colors, profile
 from utils import UserError
 
@@ -211,7 +211,8 @@ def test_inference_takes_real_label_maps_and_real_pairs(tmp_path, tiny_checkpoin
     assert Image.open(tmp_path / "out1" / "c.png").size == (512, 256)
     status, out, err = run_in_process(inference.main, ["--input_dir", tmp_path / "pair",
                                                        "--output_dir", tmp_path / "out2",
-                                                       "--model_path", model], capsys)
+                                                       "--model_path", model,
+                                                       "--precision", "fp32"], capsys)
     assert status == 0 and f"1 side-by-side pair(s), label map: {side} half (" in out, out + err
     generator, config = inference.load_generator(model)
     alone = inference.Translator(generator, config, "cpu").translate([label])[0]

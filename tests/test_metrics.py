@@ -16,6 +16,7 @@ import torch
 
 import metrics
 from cityscapes import IGNORE_ID, LABELS, decode_train_ids
+from demo.scenes import make_scene
 from utils import UserError
 
 needs_inception = pytest.mark.skipif(
@@ -30,15 +31,8 @@ def random_images(seed, count=2, size=32):
 
 
 def smooth_scenes(count, size=64, seed=0):
-    """(H, W, 3) uint8 street scenes: the demo's when available, else smooth random images."""
-    try:
-        from demo_data import make_scene
-        return [make_scene(np.random.default_rng([seed, k]), size)[1] for k in range(count)]
-    except ImportError:
-        rng = np.random.default_rng(seed)
-        low = torch.from_numpy(rng.uniform(0, 255, (count, 3, 6, 6))).float()
-        images = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic")
-        return list(images.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy())
+    """(H, W, 3) uint8 photos of the demo's street scenes."""
+    return [make_scene(np.random.default_rng([seed, k]), size)[1] for k in range(count)]
 
 
 # --- L1, PSNR, SSIM -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The speed options give the same results as plain fp32: bf16 autocast, channels-last, fused
 Adam, torch.compile, the cached loader, and inference's overlapped file work and batching. Plus
-a smoke run of benchmark.py at tiny sizes. No timings are asserted: only behaviour."""
+a smoke run of the speed benchmark at tiny sizes. No timings are asserted: only behaviour."""
 
 import json
 import math
@@ -19,15 +19,15 @@ import runtime as rt
 import train
 from train import discriminator_loss
 from config import TrainConfig
-from demo_data import write_demo_dataset
-from loader import build_train_loader, build_val_dataset
+from demo.data import write_demo_dataset
+from runtime import build_train_loader, build_val_dataset
 from models import ModelConfig, build_generator
 from utils import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, generator_channels=8, discriminator_channels=8, batch_size=2,
             num_workers=0, log_every_steps=1, sample_every_steps=0, checkpoint_every_steps=0,
-            epochs=1, max_steps=3, dropout=False)
+            epochs=1, max_steps=3, dropout=False, precision="fp32")
 # Inductor's C++ build takes about a minute even for the tiny model on a small CPU.
 # Runs in CI (CI=true); elsewhere opt in, since the first inductor build takes about a minute.
 FULL_COMPILE = os.environ.get("PIX2PIX_TEST_COMPILE") == "1" or bool(os.environ.get("CI"))
@@ -93,7 +93,7 @@ def test_fused_adam_takes_the_same_steps():
         torch.manual_seed(0)
         model = build_generator(ModelConfig(image_size=16, generator_channels=4, dropout=False))
         config = TrainConfig(**{**TINY, "fused_adam": fused})
-        optimizer = rt.build_adam(model, config, rt.Runtime(device=torch.device("cpu")))
+        optimizer = train.build_adam(model, config, torch.device("cpu"))
         assert bool(optimizer.param_groups[0]["fused"]) is fused
         x = torch.rand(2, 3, 16, 16)
         for _ in range(3):
@@ -107,8 +107,8 @@ def test_fused_adam_takes_the_same_steps():
 def test_step_in_backward_makes_the_same_updates(tmp_path, demo_set, monkeypatch):
     """The generator updated parameter by parameter during backward ends where the usual
     optimizer.step() after backward does: same weights, same Adam state, same losses."""
-    installed, real = [], rt.step_in_backward
-    monkeypatch.setattr(rt, "step_in_backward",
+    installed, real = [], train.step_in_backward
+    monkeypatch.setattr(train, "step_in_backward",
                         lambda *args: installed.append(real(*args)) or installed[-1])
     runs = {}
     for on in (True, False):
@@ -147,9 +147,10 @@ def test_no_gradient_outlives_its_optimizer_step(tmp_path, demo_set, monkeypatch
 def test_step_in_backward_stays_off_under_ddp_and_fp16(where):
     model = build_generator(ModelConfig(image_size=16, generator_channels=4))
     config = TrainConfig(**{**TINY, "precision": where.get("precision", "fp32")})
-    runtime = rt.Runtime(device=torch.device("cpu"), world_size=where.get("world_size", 1))
-    optimizer = rt.build_adam(model, config, runtime)
-    assert rt.step_in_backward(model, optimizer, config, runtime) is False
+    runtime = rt.Runtime(device=torch.device("cpu"), world_size=where.get("world_size", 1),
+                         precision=config.precision)
+    optimizer = train.build_adam(model, config, runtime.device)
+    assert train.step_in_backward(model, optimizer, config, runtime) is False
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.rand(2, 3, 16, 16)).square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())  # left for optimizer.step()
@@ -286,12 +287,12 @@ def test_a_failed_read_is_reported_and_the_rest_is_written(tmp_path, tiny_checkp
 def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
     output = tmp_path / "results.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmark.py"), "--configs", "fp32,bf16+fused+cl+data",
+        [sys.executable, "-m", "benchmark.speed", "--configs", "fp32,bf16+fused+cl+data",
          "--image_size", "32", "--channels", "8", "--batch_sizes", "2",
          "--infer_batch_sizes", "1", "--steps", "1", "--warmup_steps", "1", "--repeats", "1",
          "--infer_images", "3", "--device", "cpu", "--output", str(output)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(output.read_text())
     assert results["flops"]["train_step"]["2"] > 0 and results["flops"]["generator_forward"] > 0
@@ -313,8 +314,8 @@ def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
 
 
 def test_benchmark_rejects_an_unknown_option():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--configs", "fp32+fast",
+    done = subprocess.run([sys.executable, "-m", "benchmark.speed", "--configs", "fp32+fast",
                            "--device", "cpu"], capture_output=True, text=True, timeout=120,
-                          check=False)
+                          check=False, cwd=ROOT)
     assert done.returncode != 0
     assert "unknown option 'fast'" in done.stderr and "Traceback" not in done.stderr

@@ -15,6 +15,7 @@ import torch
 
 import train
 from inference import load_generator
+from models import build_generator
 from utils import UserError, load_checkpoint
 
 from conftest import tiny_config
@@ -56,6 +57,11 @@ def test_generator_loss_adds_weighted_l1():
     assert l1.item() == pytest.approx(0.5)
     assert adversarial.item() == pytest.approx(math.log(2))
     assert loss.item() == pytest.approx(math.log(2) + 50.0)
+    # The generator's target is "real": logits of 3 (D fooled) cost little, -3 cost much.
+    _, fooled, _ = train.generator_loss(torch.full((1, 1, 2, 2), 3.0), fake, target, 100.0)
+    _, caught, _ = train.generator_loss(torch.full((1, 1, 2, 2), -3.0), fake, target, 100.0)
+    assert fooled.item() == pytest.approx(math.log1p(math.exp(-3.0)), rel=1e-6)
+    assert caught.item() == pytest.approx(math.log1p(math.exp(3.0)), rel=1e-6)
 
 
 def test_lr_schedule_constant_then_linear_to_zero():
@@ -99,18 +105,22 @@ def test_checkpoints_round_trip_and_load_weights_only(tmp_path, demo_set):
         assert checkpoint["step"] == 2
     latest = load_checkpoint(folder / "latest.pth")
     assert {"discriminator", "generator_optimizer", "discriminator_optimizer", "rng",
-            "generator_scheduler", "scaler", "samples_done"} <= set(latest)
+            "scaler", "samples_done", "log_running", "elapsed"} <= set(latest)
     generator, saved_config = load_generator(folder / "generator.pth")
     for key, value in generator.state_dict().items():
         assert torch.equal(value, latest["generator"][key])
     assert saved_config["image_size"] == 32
 
 
-def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, demo_set):
-    whole = tiny_config(tmp_path / "whole", demo_set, epochs=2)
+@pytest.mark.parametrize("image_size", [32, 64])  # at 64 the U-Net has a dropout layer
+def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, demo_set, image_size):
+    whole = tiny_config(tmp_path / "whole", demo_set, epochs=2, image_size=image_size)
+    assert any(isinstance(m, torch.nn.Dropout) for m in
+               build_generator(whole.model_config()).modules()) == (image_size == 64)
     train.train(whole)
 
-    part = tiny_config(tmp_path / "part", demo_set, epochs=2, max_steps=5)  # mid epoch 2
+    part = tiny_config(tmp_path / "part", demo_set, epochs=2, max_steps=5,  # mid epoch 2
+                       image_size=image_size)
     assert train.train(part)["step"] == 5
     latest = Path(part.checkpoint_dir) / "latest.pth"
     assert load_checkpoint(latest)["samples_done"] == 2

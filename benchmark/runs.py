@@ -1,4 +1,4 @@
-"""benchmark.py's measurements, each run in a subprocess of its own so that its peak memory is
+"""The speed benchmark's measurements, each run in a subprocess of its own so that its peak memory is
 its own: training through train.py, the loader alone, the bare generator forward, inference.py on
 a folder, and the FLOP count. `run_child` starts one and watches its memory.
 """
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 # --- Measurements, each run in a subprocess of its own ------------------------------------------
@@ -29,7 +29,7 @@ def child_loader(spec):
     """Images/s of the training loader alone (what the model would be fed at best)."""
     import runtime as rt
     from config import TrainConfig
-    from loader import build_train_loader
+    from runtime import build_train_loader
     results = {}
     for batch_size in spec["batch_sizes"]:
         config = TrainConfig(**{**spec["config"], "batch_size": batch_size})
@@ -53,10 +53,10 @@ def child_forward(spec):
     import torch
 
     import inference
+    import runtime as rt
     device = torch.device(spec["device"])
     generator, _ = inference.load_generator(spec["checkpoint"], device)
     generator = inference.optimize_generator(generator, spec["channels_last"], spec["compile"])
-    dtype = inference.AUTOCAST_DTYPES.get(spec["precision"])
     results = {}
     for batch_size in spec["batch_sizes"]:
         x = torch.rand(batch_size, 3, spec["image_size"], spec["image_size"], device=device)
@@ -66,7 +66,7 @@ def child_forward(spec):
         times = []
         for i in range(spec["warmup"] + spec["iterations"]):
             start = time.perf_counter()
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=bool(dtype)):
+            with torch.no_grad(), rt.autocast(device, spec["precision"]):
                 generator(x).float()
             synchronize(device)
             times.append(time.perf_counter() - start)
@@ -156,7 +156,7 @@ def child_profile(spec):
         finally:
             handle.remove()
     # An fp16 step skipped by the gradient scaler calls no optimiser: the window then starts a
-    # step later (benchmark.py runs a spare step); a window never closed reports nothing.
+    # step later (the benchmark runs a spare step); a window never closed reports nothing.
     events = profiler.key_averages() if profiler.step_num >= warmup + steps else []
     return {"profile": time_by_kind(events, device.type == "cuda", steps) if events else None}
 
@@ -278,11 +278,15 @@ def run_child(kind, spec, workdir, env=None, sample_every_s=0.2):
 
 
 def train_steps(log_file, warmup_steps):
-    """(seconds of each step after the warm-up, seconds of the first step) from train.py's log."""
+    """(seconds of each step after the warm-up, seconds of the first logged interval) from
+    train.py's log; a step of an interval of k steps counts 1/k of its seconds."""
     entries = json.loads(Path(log_file).read_text())["steps"]
-    stamps = [e["seconds"] for e in entries]
-    steps = [b - a for a, b in itertools.pairwise(stamps)][max(warmup_steps - 1, 0):]
-    return steps, stamps[0]
+    steps = []
+    for a, b in itertools.pairwise(entries):
+        if a["step"] >= warmup_steps:
+            steps += [(b["seconds"] - a["seconds"]) / (b["step"] - a["step"])] * (
+                b["step"] - a["step"])
+    return steps, entries[0]["seconds"]
 
 
 if __name__ == "__main__":

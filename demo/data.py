@@ -1,23 +1,22 @@
-"""The synthetic demo dataset on disk, and the per-class colour lookup-table baseline.
+"""The synthetic demo dataset on disk: clean scenes, or scenes with the real set's profile.
 
-    python demo_data.py --out ./dataset --num_train 200 --num_val 20 --size 256
+    python -m demo.data --out ./dataset --num_train 200 --num_val 20 --size 256
+    python -m demo.data --out ./rp --num_train 16 --profile real
 
-Scenes come from scenes.py. The lookup helpers measure what painting each class with its mean
-colour achieves, which the demo run prints next to the model's validation L1.
+Scenes come from demo/scenes.py.
 """
 
 import argparse
-import functools
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from scenes import MIN_SIZE, PALETTE, make_scene
+import dataset
+from demo.scenes import MIN_SIZE, make_scene
 
-LAYOUTS = ("side_by_side", "paired")
+LAYOUTS = tuple(layout for layout in dataset.LAYOUTS if layout != "auto")
 PROFILES = ("scenes", "real")
-CUBE_BITS = 5  # the nearest-palette lookup cube has (2 ** CUBE_BITS) ** 3 colour bins
 
 
 # ---------------------------------------------------------------- public: the dataset on disk
@@ -114,64 +113,6 @@ def write_demo_dataset(root, num_train=200, num_val=20, size=256, seed=0,
                 save(photo, folder / f"{number:04d}_target.jpg")
     return {"train": num_train, "val": num_val, "root": str(root), "layout": layout, "size": size,
             "profile": profile}
-
-
-# ---------------------------------------------------------------- public: the lookup-table baseline
-@functools.lru_cache(maxsize=1)
-def _palette_cube():
-    """Nearest palette index of every colour bin's centre; built on first use, not at import."""
-    bins = 1 << CUBE_BITS
-    centres = (np.arange(bins) + 0.5) * (256 / bins)
-    grid = np.stack(np.meshgrid(centres, centres, centres, indexing="ij"), axis=-1).reshape(-1, 3)
-    distances = ((grid[:, None, :] - PALETTE[None].astype(float)) ** 2).sum(axis=-1)  # (bins^3, K)
-    return distances.argmin(axis=1).astype(np.uint8).reshape(bins, bins, bins)
-
-
-def nearest_palette_index(label: np.ndarray) -> np.ndarray:
-    """(..., 3) uint8 colours -> (...) index into PALETTE; tolerant of JPEG noise."""
-    bins = np.asarray(label, dtype=np.uint8) >> (8 - CUBE_BITS)
-    return _palette_cube()[bins[..., 0], bins[..., 1], bins[..., 2]]
-
-
-def _check_pair(label, photo):
-    if label.shape != photo.shape or label.ndim != 3 or label.shape[-1] != 3:
-        raise ValueError(f"label and photo must be (H, W, 3) alike: {label.shape}, {photo.shape}")
-
-
-def fit_color_lookup(pairs) -> dict:
-    """Mean photo colour (float, 3) of each label colour over (label, photo) uint8 pairs."""
-    sums, counts = np.zeros((len(PALETTE), 3)), np.zeros(len(PALETTE))
-    for label, photo in pairs:
-        _check_pair(label, photo)
-        index = nearest_palette_index(label).ravel()
-        counts += np.bincount(index, minlength=len(PALETTE))
-        for c in range(3):
-            sums[:, c] += np.bincount(index, weights=photo[..., c].ravel(), minlength=len(PALETTE))
-    return {tuple(int(v) for v in PALETTE[k]): sums[k] / counts[k] for k in np.flatnonzero(counts)}
-
-
-def _painted(table, label):
-    means = np.full((len(PALETTE), 3), 128.0)  # mid-grey for classes the table never saw
-    for colour, mean in table.items():
-        means[nearest_palette_index(np.array(colour, dtype=np.uint8))] = mean
-    return means[nearest_palette_index(label)]  # (H, W, 3) float
-
-
-def apply_color_lookup(table: dict, label: np.ndarray) -> np.ndarray:
-    """Paint each pixel with its class's mean photo colour: what a lookup table predicts."""
-    return np.clip(np.rint(_painted(table, label)), 0, 255).astype(np.uint8)
-
-
-def lookup_l1(table: dict, pairs) -> float:
-    """Mean |painted - photo| over all pixels and channels, in the model's [-1, 1] units."""
-    total, count = 0.0, 0
-    for label, photo in pairs:
-        _check_pair(label, photo)
-        total += np.abs(_painted(table, label) - photo).sum()
-        count += photo.size
-    if count == 0:
-        raise ValueError("lookup_l1 needs at least one (label, photo) pair")
-    return total / count / 127.5
 
 
 # ---------------------------------------------------------------- CLI

@@ -1,8 +1,9 @@
-"""`python train.py --demo`: make the synthetic street-scene set, train on it, and compare the
-result with what a per-class colour lookup table achieves.
+"""`python train.py --demo`: make the synthetic street-scene set, then (after train.py has
+trained on it) compare the result with what a per-class colour lookup table achieves.
 
 The paper's networks (widths unchanged, U-Net depth 7 for 128x128) on 2 CPU cores in a few
-minutes. Every default below can be overridden with the usual train.py flags.
+minutes. Every default below can be overridden with the usual train.py flags. The direction is
+one way: train.py calls `demo_config` and `report`; nothing here imports train.py.
 """
 
 from pathlib import Path
@@ -10,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import train
+from cityscapes import PALETTE, nearest_colors
 from config import TrainConfig
 from dataset import PairDataset
-from demo_data import (apply_color_lookup, fit_color_lookup, nearest_palette_index,
-                       write_demo_dataset)
+from demo.data import write_demo_dataset
+from demo.scenes import CLASS_INDEX
 from inference import load_generator
-from scenes import CLASS_INDEX
 from utils import to_uint8, to_unit_range
 
 DEMO_DATA_DIR = "./demo_dataset"
@@ -31,10 +31,54 @@ DEMO_SETTINGS = {
     "checkpoint_every_steps": 200,
     "num_workers": 0,
 }
-
-
 COMPARED_CLASSES = ("road", "sidewalk", "building", "sky", "vegetation", "car", "person")
 
+
+# --- The lookup-table baseline ----------------------------------------------------------------
+
+def palette_index(labels):
+    """(..., H, W, 3) uint8 label maps -> (..., H, W) index into the palette (nearest colour)."""
+    labels = np.asarray(labels, dtype=np.uint8)
+    flat = labels.reshape(-1, labels.shape[-2], 3)
+    return nearest_colors(flat)[0].reshape(labels.shape[:-1])
+
+
+def _check_pair(label, photo):
+    if label.shape != photo.shape or label.ndim != 3 or label.shape[-1] != 3:
+        raise ValueError(f"label and photo must be (H, W, 3) alike: {label.shape}, {photo.shape}")
+
+
+def fit_color_lookup(pairs) -> np.ndarray:
+    """(K, 3) mean photo colour of each palette class over (label, photo) uint8 pairs; classes
+    never seen get mid-grey."""
+    sums, counts = np.zeros((len(PALETTE), 3)), np.zeros(len(PALETTE))
+    for label, photo in pairs:
+        _check_pair(label, photo)
+        index = palette_index(label).ravel()
+        counts += np.bincount(index, minlength=len(PALETTE))
+        for c in range(3):
+            sums[:, c] += np.bincount(index, weights=photo[..., c].ravel(), minlength=len(PALETTE))
+    return np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], 128.0)
+
+
+def apply_color_lookup(table, label):
+    """Paint each pixel with its class's mean photo colour: what a lookup table predicts."""
+    return np.clip(np.rint(table[palette_index(label)]), 0, 255).astype(np.uint8)
+
+
+def lookup_l1(table, pairs) -> float:
+    """Mean |painted - photo| over all pixels and channels, in the model's [-1, 1] units."""
+    total, count = 0.0, 0
+    for label, photo in pairs:
+        _check_pair(label, photo)
+        total += np.abs(table[palette_index(label)] - photo).sum()
+        count += photo.size
+    if count == 0:
+        raise ValueError("lookup_l1 needs at least one (label, photo) pair")
+    return total / count / 127.5
+
+
+# --- The demo run -----------------------------------------------------------------------------
 
 def as_arrays(dataset):
     """(label, photo) uint8 (H, W, 3) arrays of a non-augmented dataset, at its image size."""
@@ -62,10 +106,9 @@ def compare_with_lookup(config):
     generator, _ = load_generator(Path(config.checkpoint_dir) / "generator.pth")
     with torch.no_grad():
         fake = generator(to_unit_range(torch.from_numpy(labels).permute(0, 3, 1, 2)))
+    classes = palette_index(labels)
     errors = {"model": np.abs(to_uint8(fake).permute(0, 2, 3, 1).numpy() - photos),
-              "lookup": np.abs(np.stack([apply_color_lookup(table, label) for label in labels])
-                               - photos)}
-    classes = nearest_palette_index(labels)
+              "lookup": np.abs(table[classes] - photos)}
     rows = {}
     for name in (*COMPARED_CLASSES, "all"):
         mask = np.ones(classes.shape, bool) if name == "all" else classes == CLASS_INDEX[name]
@@ -82,16 +125,21 @@ def print_comparison(rows):
         print(f"  {name:<12}{row['share']:>7.0%}{row['model']:>9.4f}{row['lookup']:>9.4f}")
 
 
-def run(given):
+def demo_config(given):
+    """The demo's TrainConfig (the user's flags over the demo's), its data set written first."""
     settings = {**DEMO_SETTINGS, "data_dir": DEMO_DATA_DIR, **given}
     settings.setdefault("decay_epochs", settings["epochs"] // 3)  # the last third decays
-    root = Path(settings["data_dir"])
+    config = TrainConfig(**settings)
+    root = Path(config.data_dir)
     if not (root / "train").is_dir():
         print(f"writing the synthetic demo set to {root} ...")
         write_demo_dataset(root, num_train=DEMO_TRAIN_PAIRS, num_val=DEMO_VAL_PAIRS,
-                           size=settings["image_size"], seed=0)
-    config = TrainConfig(**settings)
-    summary = train.train(config)
+                           size=config.image_size, seed=0)
+    return config
+
+
+def report(config, summary):
+    """After training: the lookup-table comparison and where the outputs are."""
     if "val_l1" not in summary:
         return summary
     if config.direction == "label2photo":
@@ -101,5 +149,3 @@ def run(given):
     print(f"checkpoint: {Path(config.checkpoint_dir) / 'generator.pth'}; log: "
           f"{config.log_file}; samples: {config.sample_dir}/")
     return summary
-
-

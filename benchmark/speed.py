@@ -1,10 +1,10 @@
 """Speed of training and inference under each speed option, measured side by side.
 
-    python benchmark.py --quick                    # small sizes: a minute or two on 2 CPU cores
-    python benchmark.py                            # default model, 256x256: ~40 min on 2 cores
-    python benchmark.py --configs fp32,bf16+cl --batch_sizes 4 --repeats 5
-    python benchmark.py --equivalence              # fixed-seed demo runs: validation L1 per option
-    python benchmark.py --device cuda              # on a GPU: batch 16 and 64, MFU, loader headroom
+    python -m benchmark.speed --quick                    # small sizes: a minute or two on 2 CPU cores
+    python -m benchmark.speed                            # default model, 256x256: ~40 min on 2 cores
+    python -m benchmark.speed --configs fp32,bf16+cl --batch_sizes 4 --repeats 5
+    python -m benchmark.speed --equivalence              # fixed-seed demo runs: validation L1 per option
+    python -m benchmark.speed --device cuda              # on a GPU: batch 16 and 64, MFU, loader headroom
 
 A configuration is option names joined by "+" (`bf16+fused+cl+data`). `fp32` alone is the plain
 baseline: fp32, eager, NCHW, PyTorch's default (multi-tensor) Adam stepped after backward, every
@@ -33,13 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmark_configs import (DEFAULT_CONFIGS, EQUIVALENCE_CONFIGS, OPTIONS, PLAIN_TRAIN,
+from benchmark.configs import (DEFAULT_CONFIGS, EQUIVALENCE_CONFIGS, OPTIONS, PLAIN_TRAIN,
                                QUICK_CONFIGS, as_config_dict, loader_options, measured_as,
                                parse_config, slug, unique_configs)
-from benchmark_report import print_tables, report
-from benchmark_runs import run_child, train_steps
+from benchmark.report import print_tables, report
+from benchmark.runs import run_child, train_steps
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 # --- The benchmark --------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def machine_info(device):
 
 def prepare_inputs(args, workdir):
     """The synthetic data set (no epoch ends within a training run), and a folder to translate."""
-    from demo_data import write_demo_dataset
+    from demo.data import write_demo_dataset
     pairs = max(args.batch_sizes) * (args.warmup_steps + args.steps + 1)
     write_demo_dataset(workdir / "data", num_train=pairs, num_val=2, size=args.image_size)
     write_demo_dataset(workdir / "to_translate", num_train=args.infer_images, num_val=1,
@@ -81,7 +81,10 @@ def model_flags(args):
 def train_argv(args, workdir, run, flags):
     return ["--data_dir", str(workdir / "data"), "--image_size", str(args.image_size),
             "--generator_channels", str(args.channels), "--discriminator_channels",
-            str(args.channels), "--device", args.device, "--log_every_steps", "1",
+            str(args.channels), "--device", args.device,
+            # One log entry per step on the CPU; on a GPU, reading the losses every step would
+            # make the CPU wait for the GPU each time, which the loop otherwise avoids.
+            "--log_every_steps", "1" if args.device == "cpu" else "5",
             "--sample_every_steps", "0", "--checkpoint_every_steps", "0", "--num_samples", "1",
             "--checkpoint_dir", str(run / "checkpoints"), "--log_file", str(run / "log.json"),
             "--sample_dir", str(run / "samples"), *flags]
@@ -93,7 +96,7 @@ def run_training(args, workdir, kind, name, batch_size, tag, env, extra_steps=0,
     run = workdir / "runs" / f"{kind}_{slug(name)}_b{batch_size}{tag}"
     flags, _, config_env = parse_config(name)
     argv = train_argv(args, workdir, run, flags) + [
-        "--batch_size", str(batch_size),
+        "--batch_size", str(batch_size), "--overwrite",
         "--max_steps", str(args.warmup_steps + args.steps + extra_steps)]
     result = run_child(kind, {"argv": argv, "device": args.device, **spec}, run,
                        {**env, **config_env})
@@ -220,7 +223,7 @@ def run_equivalence(args, workdir):
         command = [sys.executable, str(REPO / "train.py"), "--demo", "--data_dir",
                    str(workdir / "demo_data"), "--epochs", str(epochs), "--device", args.device,
                    "--checkpoint_dir", str(run / "checkpoints"), "--log_file",
-                   str(run / "log.json"), "--sample_dir", str(run / "samples"),
+                   str(run / "log.json"), "--sample_dir", str(run / "samples"), "--overwrite",
                    *parse_config(name)[0]]
         start = time.perf_counter()
         done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=False,

@@ -1,4 +1,4 @@
-"""benchmark.py's report: medians and spreads of the raw measurements, ratios to the plain
+"""The speed benchmark's report: medians and spreads of the raw measurements, ratios to the plain
 baseline, achieved GFLOP/s and MFU, and the printed tables."""
 
 import statistics

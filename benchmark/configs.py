@@ -4,7 +4,11 @@ say, changes nothing in inference, so it is measured once for both)."""
 
 # Option -> flags of train.py and of inference.py (None: not available there), and environment.
 OPTIONS = {
-    "fp32": {"train": [], "inference": []},
+    "fp32": {"train": ["--precision", "fp32"], "inference": ["--precision", "fp32"]},
+    # The command a user runs with no speed flags: precision auto, the data defaults.
+    "default": {"train": ["--precision", "auto", "--cache", "auto", "--num_workers", "-1",
+                          "--fused_adam"], "inference": ["--precision", "auto",
+                                                         "--io_threads", "2"]},
     "tf32": {"train": ["--precision", "tf32"], "inference": None},
     "bf16": {"train": ["--precision", "bf16"], "inference": ["--precision", "bf16"]},
     "fp16": {"train": ["--precision", "fp16"], "inference": ["--precision", "fp16"]},
@@ -24,13 +28,13 @@ PLAIN_TRAIN = ["--cache", "off", "--num_workers", "0", "--no_fused_adam",
 PLAIN_INFERENCE = ["--io_threads", "0"]
 
 DEFAULT_CONFIGS = {
-    "cpu": "fp32,fp32+fused,fp32+inbwd,fp32+cl,fp32+data,fp32+compile,fp32+fused+inbwd+cl+data,"
+    "cpu": "fp32,default,fp32+fused,fp32+inbwd,fp32+cl,fp32+data,fp32+compile,fp32+fused+inbwd+cl+data,"
            "fp32+fused+inbwd+cl+data+compile,bf16,bf16+fused+inbwd+cl+data,"
            "bf16+fused+inbwd+cl+data+compile,bf16+fused+inbwd+cl+data+compile+png1",
-    "cuda": "fp32,fp32+fused+inbwd+data,tf32+fused+inbwd+data,bf16+fused+inbwd+data,"
+    "cuda": "fp32,default,fp32+fused+inbwd+data,tf32+fused+inbwd+data,bf16+fused+inbwd+data,"
             "fp16+fused+data,bf16+fused+inbwd+cl+data,bf16+fused+inbwd+cl+data+compile",
 }
-QUICK_CONFIGS = "fp32,fp32+fused+inbwd+cl+data,bf16+fused+inbwd+cl+data"
+QUICK_CONFIGS = "fp32,default,bf16+fused+inbwd+cl+data"
 EQUIVALENCE_CONFIGS = "fp32,fp32+fused+cl,bf16,bf16+fused+cl,bf16+fused+cl+compile"
 
 def parse_config(name):

@@ -1,0 +1,1 @@
+"""Synthetic street scenes (label map + photo), the demo set writer, and `train.py --demo`."""

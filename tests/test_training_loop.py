@@ -1,0 +1,304 @@
+"""The training loop's guarantees: no run replaces another, the losses are read only at the
+maintenance points, one GAN step does what the paper says, settings changed on resume apply at
+once, the writer saves in the background, and precision `auto` decides by the hardware."""
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import inference
+import runtime as rt
+import train
+import training_state
+import utils
+from config import TrainConfig
+from training_state import CheckpointWriter, LossMeter, Progress, restore_training_state
+from utils import UserError, load_checkpoint
+
+from conftest import cli_flags, run_in_process, tiny_config, write_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run_files(config):
+    """{path: bytes} of every file a run wrote."""
+    folders = [Path(config.checkpoint_dir), Path(config.sample_dir)]
+    files = [p for folder in folders for p in folder.iterdir()] + [Path(config.log_file)]
+    return {p: p.read_bytes() for p in files}
+
+
+# --- No run replaces another ----------------------------------------------------------------
+
+def test_a_second_identical_command_leaves_the_first_run_untouched(tmp_path, demo_set, capsys,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path, demo_set, epochs=1, sample_every_steps=2)
+    flags = cli_flags(config)
+    assert run_in_process(train.main, flags, capsys)[0] == 0
+    first = run_files(config)
+    assert any(p.suffix == ".png" for p in first) and len(first) >= 4
+
+    status, _, err = run_in_process(train.main, flags, capsys)
+    assert status == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "another run's files are there" in line and "--resume" in line
+    assert "--overwrite" in line and "latest.pth" in line
+    assert run_files(config) == first  # byte for byte
+
+    # --resume continues it (one more epoch) ...
+    latest = Path(config.checkpoint_dir) / "latest.pth"
+    assert run_in_process(train.main, ["--resume", latest, "--epochs", "2"], capsys)[0] == 0
+    assert load_checkpoint(latest)["step"] == 8
+
+    # ... and --overwrite replaces it, stale grids of the old run included.
+    stale = Path(config.sample_dir) / "step_0000999.png"
+    stale.write_bytes(b"old")
+    status, out, _ = run_in_process(train.main, [*flags, "--overwrite", "--max_steps", "2"],
+                                    capsys)
+    assert status == 0 and "--overwrite: removed" in out
+    assert load_checkpoint(latest)["step"] == 2 and not stale.exists()
+    assert [e["step"] for e in json.loads(Path(config.log_file).read_text())["steps"]] == [1, 2]
+
+
+def test_a_resume_into_another_runs_folder_is_refused(tmp_path, demo_set):
+    one, two = (tiny_config(tmp_path / n, demo_set, epochs=1, max_steps=2) for n in "ab")
+    train.train(one)
+    train.train(two)
+    latest_one = Path(one.checkpoint_dir) / "latest.pth"
+    with pytest.raises(UserError, match="another run's files"):
+        train.main(["--resume", str(latest_one), "--checkpoint_dir", two.checkpoint_dir])
+
+
+# --- The losses stay on the device between maintenance points --------------------------------
+
+def test_losses_are_read_only_when_logging_saving_or_validating(tmp_path, demo_set,
+                                                                monkeypatch):
+    """sum_over_ranks is where the loop reads numbers off the device (and sums them over the
+    processes): once per maintenance point, never per step."""
+    reads, real = [], rt.sum_over_ranks
+    monkeypatch.setattr(rt, "sum_over_ranks", lambda values, runtime: reads.append(
+        len(values)) or real(values, runtime))
+    config = tiny_config(tmp_path, demo_set, epochs=2, log_every_steps=3)
+    train.train(config)
+    # 8 steps: the losses are read at steps 3, 4 (epoch end), 6 and 8 (epoch end); the other
+    # reads are validation's (3 numbers) at both epoch ends.
+    assert reads.count(len(training_state.LOSS_NAMES) + 2) == 4 and reads.count(3) == 2
+    steps = [e["step"] for e in json.loads(Path(config.log_file).read_text())["steps"]]
+    assert steps == [3, 4, 6, 8]
+
+
+def test_the_meter_names_the_first_bad_step_without_reading_the_losses():
+    meter = LossMeter("cpu")
+    meter.add(torch.tensor([1.0, 2.0, 3.0, 4.0]), 1)
+    meter.add(torch.tensor([float("nan"), 2.0, 3.0, 4.0]), 2)
+    meter.add(torch.tensor([float("inf"), 2.0, 3.0, 4.0]), 3)
+    *sums, count, bad = meter.totals().tolist()
+    assert count == 3 and bad == 1
+    with pytest.raises(UserError, match=r"step 2: non-finite loss \(g_adv=nan, g_l1=2"):
+        meter.raise_if_bad(True)
+    fine = LossMeter("cpu", running={"sums": [1.0, 1.0, 1.0, 1.0], "count": 1})
+    fine.add(torch.tensor([1.0, 2.0, 3.0, 4.0]), 1)
+    assert fine.totals().tolist() == [2.0, 3.0, 4.0, 5.0, 2.0, 0.0]
+    fine.raise_if_bad(False)
+
+
+def test_ddp_polls_the_stop_flag_every_few_steps_one_process_every_step():
+    alone = rt.StopFlag(rt.Runtime(device=torch.device("cpu")))
+    assert all(alone.due(step, False) for step in range(1, 30))
+    ddp = rt.StopFlag(rt.Runtime(device=torch.device("cpu"), world_size=2))
+    assert [s for s in range(1, 30) if ddp.due(s, False)] == [10, 20]
+    assert ddp.due(7, epoch_end=True)
+
+
+# --- One GAN step -------------------------------------------------------------------------------
+
+class Scale(nn.Module):
+    """logits = weight * mean of the photo channels (per pixel), label ignored."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(float(weight)))
+
+    def forward(self, label, photo):
+        return self.weight * photo.mean(1, keepdim=True)
+
+
+class Constant(nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(value)))
+
+    def forward(self, source):
+        return self.value * torch.ones_like(source)
+
+
+def test_gan_step_scores_the_real_photo_as_real_and_the_fake_as_fake():
+    """Hand-made networks: D's logits are 2 * the photo's value, the target is 1 and the fake
+    -0.5. Swapping real and fake anywhere in the step changes one of these numbers."""
+    generator, discriminator = Constant(-0.5), Scale(2.0)
+    nets = train.Networks(generator, discriminator, generator, discriminator, discriminator)
+    config = TrainConfig(lr=1e-3, fused_adam=False)
+    optimizers = [train.build_adam(m, config, torch.device("cpu"))
+                  for m in (generator, discriminator)]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    runtime = rt.Runtime(device=torch.device("cpu"))
+    source, target = torch.zeros(1, 3, 2, 2), torch.ones(1, 3, 2, 2)
+    g_adv, g_l1, d_real, d_fake = train.gan_step(nets, optimizers, scaler, source, target,
+                                                 config, runtime, False).tolist()
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    assert d_real == pytest.approx(softplus(-2.0), rel=1e-5)  # -log sigmoid(2 * 1)
+    assert d_fake == pytest.approx(softplus(-1.0), rel=1e-5)  # -log(1 - sigmoid(2 * -0.5))
+    # G is scored by D after D's update, which made D surer of both (a larger weight), with
+    # the target "real" for the fake.
+    weight = discriminator.weight.item()
+    assert weight > 2.0
+    assert g_adv == pytest.approx(softplus(0.5 * weight), rel=1e-5)
+    assert g_l1 == pytest.approx(1.5)
+    assert generator.value.item() > -0.5  # moved towards the target
+
+
+# --- Resume: what may change does, at once --------------------------------------------------
+
+def test_an_fp16_resume_of_a_run_that_was_not_fp16_starts_a_fresh_scale(tmp_path):
+    path = write_checkpoint(tmp_path / "latest.pth", latest=True)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["scaler"] == {}  # saved by a disabled scaler
+    config = TrainConfig(image_size=32, generator_channels=8, discriminator_channels=8)
+    from models import build_discriminator, build_generator
+    generator, discriminator = (build(config.model_config())
+                                for build in (build_generator, build_discriminator))
+    optimizers = [torch.optim.Adam(m.parameters()) for m in (generator, discriminator)]
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    progress, _ = restore_training_state(checkpoint, path, generator, discriminator,
+                                         optimizers, scaler)
+    assert progress == Progress() and scaler.get_scale() == 2.0 ** 16
+
+
+def test_no_fused_adam_on_resume_takes_effect(tmp_path, demo_set, monkeypatch):
+    config = tiny_config(tmp_path, demo_set, epochs=2, max_steps=2)  # fused: the default
+    train.train(config)
+    latest = Path(config.checkpoint_dir) / "latest.pth"
+    assert load_checkpoint(latest)["generator_optimizer"]["param_groups"][0]["fused"]
+    kernels, real = [], train.apply_adam_kernel
+    monkeypatch.setattr(train, "apply_adam_kernel", lambda optimizer, *args: (
+        real(optimizer, *args), kernels.append(optimizer.param_groups[0]["fused"])))
+    summary = train.main(["--resume", str(latest), "--no_fused_adam", "--max_steps", "4"])
+    assert summary["step"] == 4 and kernels == [None, None]
+    assert not load_checkpoint(latest)["generator_optimizer"]["param_groups"][0]["fused"]
+
+
+def test_epochs_and_decay_changed_on_resume_apply_from_the_next_epoch(tmp_path, demo_set):
+    config = tiny_config(tmp_path, demo_set, epochs=2, lr=1e-3)
+    train.train(config)  # 2 epochs of 4 steps at the full LR
+    latest = Path(config.checkpoint_dir) / "latest.pth"
+    train.main(["--resume", str(latest), "--epochs", "4", "--decay_epochs", "3"])
+    lrs = {e["epoch"]: e["lr"] for e in json.loads(Path(config.log_file).read_text())["steps"]}
+    # Of 4 epochs the last 3 decay (factors 3/4, 2/4, 1/4): the resumed epochs 2 and 3 take
+    # theirs at once (a scheduler stepped at epoch ends would still give epoch 2 the full LR).
+    assert lrs == pytest.approx({0: 1e-3, 1: 1e-3, 2: 0.5e-3, 3: 0.25e-3})
+
+
+def test_cuda_rng_states_are_restored_for_the_gpus_this_machine_has(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(
+        index))
+    state = {"torch": torch.get_rng_state(), "cuda": [torch.zeros(8, dtype=torch.uint8)] * 8}
+    utils.set_rng_state(state)  # saved on 8 GPUs, resumed on 1
+    assert restored == [0]
+
+
+# --- Validation and samples leave the networks as they found them ---------------------------
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_validation_and_sample_grids_restore_the_mode(tmp_path, demo_set, mode):
+    config = tiny_config(tmp_path, demo_set)
+    runtime = rt.Runtime(device=torch.device("cpu"), batch_size=2)
+    loader, _ = rt.build_train_loader(config, runtime)
+    val = rt.build_val_dataset(config, runtime, loader.dataset)
+    from models import build_generator
+    generator = build_generator(config.model_config()).train(mode == "train")
+    train.validate(generator, val, runtime)
+    assert generator.training == (mode == "train")
+    batch = rt.fixed_batch(val, [0], runtime)
+    training_state.save_sample_grid(generator, batch, runtime, tmp_path, 1)
+    assert generator.training == (mode == "train")
+
+
+# --- Checkpoints written in the background ------------------------------------------------
+
+def test_the_writer_returns_before_the_file_is_written_and_close_waits(tmp_path, monkeypatch):
+    release, written = threading.Event(), []
+
+    def slow_save(checkpoint, path):
+        release.wait(10)
+        written.append((Path(path).name, checkpoint["weights"].tolist()))
+
+    monkeypatch.setattr(training_state, "save_checkpoint", slow_save)
+    weights = torch.zeros(3)
+    writer = CheckpointWriter()
+    started = time.perf_counter()
+    writer.save({tmp_path / "latest.pth": {"weights": weights}})
+    assert time.perf_counter() - started < 5 and written == []
+    weights += 1  # training goes on: the saved copy keeps the values at the save
+    release.set()
+    writer.close()
+    assert written == [("latest.pth", [0.0, 0.0, 0.0])]
+
+
+def test_a_failed_background_write_is_raised_at_the_next_save(tmp_path, monkeypatch):
+    def full_disk(checkpoint, path):
+        raise UserError(f"{path}: No space left on device")
+
+    monkeypatch.setattr(training_state, "save_checkpoint", full_disk)
+    writer = CheckpointWriter()
+    writer.save({tmp_path / "a.pth": {"x": torch.ones(1)}})
+    with pytest.raises(UserError, match="a.pth: No space left"):
+        writer.save({tmp_path / "b.pth": {"x": torch.ones(1)}})
+    writer.close()
+
+
+# --- Precision ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_where_the_hardware_computes_it(monkeypatch, native, expected):
+    monkeypatch.setattr(rt, "native_bf16", lambda device: native)
+    assert rt.resolve_precision("auto", torch.device("cpu"))[0] == expected
+    assert rt.resolve_precision("fp32", torch.device("cpu")) == ("fp32", "as asked")
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        rt.resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_fp32_is_strict_on_cuda_in_training_and_inference_alike(monkeypatch):
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
+    before = [getattr(owner, name) for owner, name in flags]
+    try:
+        rt.set_math_mode(torch.device("cuda"), "fp32")
+        assert not any(getattr(owner, name) for owner, name in flags)
+        rt.set_math_mode(torch.device("cuda"), "tf32")
+        assert all(getattr(owner, name) for owner, name in flags)
+    finally:
+        for (owner, name), value in zip(flags, before):
+            setattr(owner, name, value)
+        torch.backends.cudnn.benchmark = False
+
+
+def test_training_and_inference_print_their_precision(tmp_path, demo_set, tiny_checkpoint,
+                                                      capsys):
+    config = tiny_config(tmp_path, demo_set, epochs=1, max_steps=1, precision="auto")
+    train.train(config)
+    out = capsys.readouterr().out
+    assert "precision bf16 (auto:" in out or "precision fp32 (auto:" in out
+    (tmp_path / "in").mkdir()
+    from PIL import Image
+    Image.new("RGB", (32, 32), (128, 64, 128)).save(tmp_path / "in" / "a.png")
+    inference.main(["--input_dir", str(tmp_path / "in"), "--output_dir",
+                    str(tmp_path / "out"), "--model_path", str(tiny_checkpoint())])
+    assert "precision bf16 (auto:" in capsys.readouterr().out or rt.native_bf16("cpu") is False
