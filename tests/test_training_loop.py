@@ -292,13 +292,13 @@ def test_fp32_is_strict_on_cuda_in_training_and_inference_alike(monkeypatch):
 
 def test_training_and_inference_print_their_precision(tmp_path, demo_set, tiny_checkpoint,
                                                       capsys):
+    expected = "bf16" if rt.native_bf16("cpu") else "fp32"
     config = tiny_config(tmp_path, demo_set, epochs=1, max_steps=1, precision="auto")
     train.train(config)
-    out = capsys.readouterr().out
-    assert "precision bf16 (auto:" in out or "precision fp32 (auto:" in out
+    assert f"device cpu, precision {expected} (auto: " in capsys.readouterr().out
     (tmp_path / "in").mkdir()
     from PIL import Image
     Image.new("RGB", (32, 32), (128, 64, 128)).save(tmp_path / "in" / "a.png")
     inference.main(["--input_dir", str(tmp_path / "in"), "--output_dir",
                     str(tmp_path / "out"), "--model_path", str(tiny_checkpoint())])
-    assert "precision bf16 (auto:" in capsys.readouterr().out or rt.native_bf16("cpu") is False
+    assert f"device cpu, precision {expected} (auto: " in capsys.readouterr().out

@@ -1,0 +1,343 @@
+"""app.py: palette snapping, the HTTP handler (sizes, bad requests, limits, concurrency), the
+command line, and the page painted and generated in a real headless Chromium."""
+
+import http.client
+import io
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from app_browser import (RunningApp, canvas_pixels, generate, launch, open_page, paint,
+                         photo_pixels, system_chromium, wait_for_photo)
+from conftest import cli_flags, run_in_process, run_script, tiny_config
+from PIL import Image
+
+import app
+from cityscapes import COLORS, PALETTE, nearest_colors
+from inference import Translator, load_generator
+
+# --- Palette snapping -----------------------------------------------------------------------
+
+
+def test_snapping_keeps_palette_colours_and_moves_blends_to_the_nearest():
+    label = np.array([[COLORS["road"], COLORS["car"], COLORS["sky"]]], np.uint8)
+    assert np.array_equal(app.snap_to_palette(label), label)
+    road, car = np.array(COLORS["road"]), np.array(COLORS["car"])
+    blended = np.array([[road + 9, 0.8 * road + 0.2 * car, 0.2 * road + 0.8 * car]], np.uint8)
+    snapped = app.snap_to_palette(blended)
+    assert [tuple(p) for p in snapped[0]] == [COLORS["road"], COLORS["road"], COLORS["car"]]
+
+
+def test_snapping_is_the_projects_nearest_colour_rule(rng):
+    noisy = rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    snapped = app.snap_to_palette(noisy)
+    assert snapped.shape == noisy.shape and snapped.dtype == np.uint8
+    assert np.array_equal(snapped, PALETTE[nearest_colors(noisy)[0]])
+
+
+# --- The handler, on a real server in this process ------------------------------------------
+
+def png_bytes(array, format="PNG", **options):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def street(height, width, seed=0):
+    """A label map in exact colours: road, sky, a car; then antialiased like a canvas stroke."""
+    rng = np.random.default_rng(seed)
+    label = np.empty((height, width, 3), np.uint8)
+    label[:] = COLORS["sky"]
+    label[height // 2:] = COLORS["road"]
+    top, left = int(rng.integers(height // 2, height - 2)), int(rng.integers(0, width - 2))
+    label[top:top + height // 4, left:left + width // 3] = COLORS["car"]
+    return label
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    generator, config = load_generator(tiny_checkpoint())
+    service = app.PhotoService(Translator(generator, config, "cpu"))
+    httpd = app.AppServer(("127.0.0.1", 0), service, max_body_bytes=2**20)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def request(server, method, path, body=None, content_type=None, headers=()):
+    """(status, headers, body) of one request on a fresh connection."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        if content_type:
+            connection.putheader("Content-Type", content_type)
+        for name, value in dict(headers).items():
+            connection.putheader(name, value)
+        if body is not None and "Content-Length" not in dict(headers):
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def translate(server, array, format="PNG", content_type="image/png"):
+    status, headers, body = request(server, "POST", "/api/translate",
+                                    png_bytes(array, format), content_type)
+    assert status == 200, body
+    assert headers["Content-Type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+
+
+@pytest.mark.parametrize("height, width, format", [(256, 256, "PNG"), (256, 512, "JPEG"),
+                                                   (37, 50, "PNG")])
+def test_translate_keeps_the_size(server, height, width, format):
+    content_type = "image/png" if format == "PNG" else "image/jpeg"
+    photo = translate(server, street(height, width), format, content_type)
+    assert photo.shape == (height, width, 3)
+
+
+def test_translate_is_inference_on_the_snapped_label_map(server, tiny_checkpoint):
+    label = street(64, 64)
+    blurred = np.asarray(Image.fromarray(label).resize((32, 32), Image.BILINEAR)
+                         .resize((64, 64), Image.BILINEAR))  # off-palette borders
+    generator, config = load_generator(tiny_checkpoint())
+    expected = Translator(generator, config, "cpu").translate([app.snap_to_palette(blurred)])[0]
+    assert np.array_equal(translate(server, blurred), expected)
+
+
+def test_concurrent_requests_get_their_own_photos(server):
+    labels = [street(48, 64, seed) for seed in range(6)]
+    alone = [translate(server, label) for label in labels]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda label: translate(server, label), labels * 2))
+    for k, photo in enumerate(together):
+        assert np.array_equal(photo, alone[k % len(labels)])
+
+
+def test_snap_endpoint_returns_the_label_map_in_palette_colours(server):
+    jpeg = png_bytes(street(40, 80), "JPEG", quality=70)
+    status, headers, body = request(server, "POST", "/api/snap", jpeg, "image/jpeg")
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    snapped = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    assert np.array_equal(snapped, app.snap_to_palette(decoded))
+
+
+def big_png(width, height):
+    return png_bytes(np.zeros((height, width, 3), np.uint8), compress_level=9)
+
+
+def png_header_only(width, height):
+    """A PNG that claims width x height pixels and holds none (a decompression bomb's header)."""
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+BAD_REQUESTS = {
+    "not an image": ("POST", "/api/translate", b"hello", "image/png", 400, "not a PNG or JPEG"),
+    "a GIF": ("POST", "/api/translate", None, "image/png", 400, "not a PNG or JPEG"),
+    "truncated": ("POST", "/api/translate", None, "image/png", 400, "corrupt or truncated"),
+    "wrong type": ("POST", "/api/translate", b"x", "text/plain", 415, "image/png or image/jpeg"),
+    "no type": ("POST", "/api/translate", b"x", None, 415, "image/png or image/jpeg"),
+    "too many pixels": ("POST", "/api/translate", None, "image/png", 413, "pixels"),
+    "bomb header": ("POST", "/api/translate", None, "image/png", 413, "pixels"),
+    "too narrow": ("POST", "/api/translate", None, "image/png", 400, "long side"),
+    "single channel": ("POST", "/api/translate", None, "image/png", 400, "single-channel"),
+    "GET translate": ("GET", "/api/translate", None, None, 405, "use POST"),
+    "PUT translate": ("PUT", "/api/translate", b"x", "image/png", 405, "use POST"),
+    "DELETE page": ("DELETE", "/", None, None, 405, "use GET"),
+    "unknown method": ("BREW", "/", None, None, 405, "BREW"),
+    "unknown page": ("GET", "/nowhere.html", None, None, 404, "/nowhere.html"),
+    "POST elsewhere": ("POST", "/nowhere", b"x", "image/png", 404, "/nowhere"),
+    "POST the page": ("POST", "/app.js", b"x", "image/png", 405, "use GET"),
+    "unknown API": ("POST", "/api/nowhere", b"x", "image/png", 404, "/api/nowhere"),
+    "outside web/": ("GET", "/../app.py", None, None, 404, "app.py"),
+    "escaped outside": ("GET", "/%2e%2e/app.py", None, None, 404, "app.py"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(server, case):
+    method, path, body, content_type, status, words = BAD_REQUESTS[case]
+    good = png_bytes(street(32, 32))
+    body = {"a GIF": png_bytes(street(32, 32), "GIF"), "truncated": good[:len(good) // 2],
+            "too many pixels": big_png(2049, 2048), "too narrow": big_png(100, 20),
+            "bomb header": png_header_only(30000, 30000),
+            "single channel": png_bytes(np.zeros((32, 32), np.uint8))}.get(case, body)
+    got, headers, answer = request(server, method, path, body, content_type)
+    assert got == status, answer
+    assert headers["Content-Type"] == "application/json"
+    assert words in json.loads(answer)["error"]
+    assert translate(server, street(32, 32)).shape == (32, 32, 3)
+
+
+def test_the_body_is_capped_before_it_is_read(server):
+    cap = server.max_body_bytes
+    headers = {"Content-Length": str(cap + 1)}
+    status, _, answer = request(server, "POST", "/api/translate", b"", "image/png", headers)
+    assert status == 413 and str(cap) in json.loads(answer)["error"]
+    status, _, answer = request(server, "POST", "/api/translate", None, "image/png")
+    assert status == 411 and "Content-Length" in json.loads(answer)["error"]
+    assert translate(server, street(32, 32)).shape == (32, 32, 3)
+
+
+def test_page_config_and_static_files(server):
+    status, headers, body = request(server, "GET", "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    for element in ('id="label-canvas"', 'id="generate"', 'id="photo"'):
+        assert element in body.decode()
+    assert "default-src 'self'" in headers["Content-Security-Policy"]
+    status, headers, body = request(server, "GET", "/api/config")
+    config = json.loads(body)
+    assert [entry["name"] for entry in config["palette"]] == list(app.PAINT_CLASSES)
+    assert {e["name"]: tuple(e["color"]) for e in config["palette"]}["void"] == (0, 0, 0)
+    for path in ("/app.js", "/app.css", *(f"/{p}" for p in config["examples"])):
+        assert request(server, "GET", path)[0] == 200, path
+
+
+def test_the_page_names_no_other_address():
+    for path in app.WEB_DIR.rglob("*"):
+        if path.suffix in (".html", ".js", ".css"):
+            text = path.read_text()
+            assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), path
+            assert "@import" not in text and "@font-face" not in text, path
+
+
+def test_shipped_examples_are_the_scene_codes_drawings(tmp_path):
+    shipped = sorted(app.EXAMPLES_DIR.glob("*.png"))
+    written = app.write_examples(tmp_path)
+    assert [p.name for p in shipped] == [p.name for p in written] and len(shipped) >= 3
+    for ours, fresh in zip(shipped, written):
+        label = np.asarray(Image.open(ours).convert("RGB"))
+        assert label.shape == (256, 256, 3)
+        assert np.array_equal(label, np.asarray(Image.open(fresh).convert("RGB"))), \
+            f"{ours} is stale: rerun `python app.py --write_examples`"
+        assert np.array_equal(app.snap_to_palette(label), label)
+
+
+# --- The command line -----------------------------------------------------------------------
+
+def test_without_a_checkpoint_one_line_says_how_to_make_one(tmp_path, capsys):
+    status, _, err = run_in_process(app.main, ["--model_path", tmp_path / "none.pth"], capsys)
+    assert status == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "python train.py --demo" in err
+
+
+def test_a_busy_port_is_one_line(tiny_checkpoint, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        status, _, err = run_in_process(app.main, ["--model_path", tiny_checkpoint(),
+                                                   "--port", port], capsys)
+    assert status == 2 and "cannot listen" in err and "Traceback" not in err
+
+
+def test_only_loopback_hosts_pass_without_a_warning():
+    assert all(app.is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+    assert not any(app.is_loopback(h) for h in ("0.0.0.0", "::", "192.0.2.1", "example.org"))
+
+
+def test_the_script_serves_and_stops_on_ctrl_c(tiny_checkpoint):
+    with RunningApp(tiny_checkpoint()) as running:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", running.url)
+        running.process.send_signal(signal.SIGINT)
+        assert running.process.wait(timeout=20) == 0
+        running.thread.join(timeout=5)
+    assert "stopped" in running.text and "Traceback" not in running.text
+
+
+# --- The page in a real browser -------------------------------------------------------------
+
+def browser_or_skip():
+    """The system Chromium and Playwright; skipped where either is missing, except in CI."""
+    chromium = system_chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    missing = [name for name, found in (("chromium", chromium), ("playwright", sync_playwright))
+               if not found]
+    if missing:
+        reason = f"{' and '.join(missing)} not installed (apt-get install chromium; " \
+                 "pip install playwright)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser test: {reason}")
+        pytest.skip(reason)
+    return chromium, sync_playwright
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory, demo_set):
+    """A tiny generator trained for 24 steps by train.py itself (about 5 s)."""
+    folder = tmp_path_factory.mktemp("app_run")
+    config = tiny_config(folder, demo_set, epochs=6, lr=2e-3)  # enough to follow the input
+    result = run_script("train.py", *cli_flags(config))
+    assert result.returncode == 0, result.stderr
+    return folder / "checkpoints" / "generator.pth"
+
+
+def palette_only(pixels):
+    return np.array_equal(app.snap_to_palette(np.ascontiguousarray(pixels)), pixels)
+
+
+def test_paint_generate_undo_in_chromium(trained_checkpoint):
+    chromium, sync_playwright = browser_or_skip()
+    # fp32: the photo is compared with this process's fp32 translation of the canvas.
+    with RunningApp(trained_checkpoint, "--precision", "fp32") as running, \
+            sync_playwright() as playwright:
+        browser = launch(playwright, chromium)
+        page, outside = open_page(browser, running.url)
+        paint(page, [(20, 200), (120, 150), (230, 210)], "car", brush=32)
+        first = canvas_pixels(page)
+        assert first.shape == (256, 256, 3) and palette_only(first)
+        assert (first == COLORS["car"]).all(axis=-1).mean() > 0.05
+        photo = generate(page)
+        assert photo.shape == first.shape and not palette_only(photo)
+        generator, config = load_generator(trained_checkpoint)
+        model = Translator(generator, config, "cpu")
+        assert np.array_equal(photo, model.translate([first])[0])  # the model's photo of it
+
+        paint(page, [(40, 40), (200, 60)], "sky", brush=64)
+        second = canvas_pixels(page)
+        assert not np.array_equal(second, first)
+        changed = generate(page)
+        assert np.abs(changed.astype(int) - photo).mean() > 1
+        page.click("#undo")
+        assert np.array_equal(canvas_pixels(page), first)
+        assert np.array_equal(generate(page), photo)  # eval mode: the same drawing, the same
+        page.click("#redo")
+        assert np.array_equal(canvas_pixels(page), second)
+
+        page.check("#live")  # regenerates after each stroke, without Generate
+        paint(page, [(10, 10), (60, 120)], "building", brush=16, tool="rect")
+        wait_for_photo(page)
+        assert photo_pixels(page).shape == (256, 256, 3)
+
+        page.select_option("#canvas-size", "512x256")
+        page.select_option("#example", "examples/street_1.png")
+        page.wait_for_function("() => document.getElementById('label-canvas').width === 512")
+        wait_for_photo(page)
+        assert photo_pixels(page).shape == (256, 512, 3) and palette_only(canvas_pixels(page))
+
+        page.route("**/api/translate", lambda route: route.fulfill(
+            status=413, content_type="application/json", body='{"error": "too big, sorry"}'))
+        page.click("#generate")
+        page.wait_for_selector("#error:has-text('too big, sorry')")
+        browser.close()
+    assert not outside, f"the page requested other addresses: {outside}"
