@@ -10,11 +10,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
 from labelmaps import LABEL_FORMATS
-from models import NORMS, ModelConfig
+from models import NORMS, UPSAMPLES, ModelConfig
 from runtime import PRECISIONS
 from utils import UserError
 
-GAN_LOSSES = ("bce", "lsgan")
+GAN_LOSSES = ("bce", "lsgan", "hinge")
 CACHE_MODES = ("auto", "on", "off")
 
 
@@ -47,16 +47,23 @@ class TrainConfig:
     discriminator_layers: int = option(3, "PatchGAN depth: 0 pixel, 1 16x16, 3 70x70, 5 286x286")
     norm: str = option("batch", "normalisation layers", tuple(NORMS))
     dropout: bool = option(True, "dropout in the generator's deep decoder blocks")
+    upsample: str = option("resize", "generator's upsampling: transposed convolution "
+                           "(paper) or nearest resize + 3x3 convolution", tuple(UPSAMPLES))
+    spectral_norm: bool = option(False, "spectral norm on the discriminator's convolutions")
     # Optimisation.
     epochs: int = option(50, "epochs in total")
     decay_epochs: int = option(0, "of --epochs, how many decay the LR linearly to 0")
     batch_size: int = option(4, "images per step (per process under torchrun)")
-    lr: float = option(2e-4, "Adam learning rate for both networks")
+    lr: float = option(2e-4, "Adam learning rate (the generator's; D's too unless --lr_d)")
+    lr_d: float = option(0.0, "the discriminator's Adam learning rate (0: --lr)")
     beta1: float = option(0.5, "Adam beta1")
     beta2: float = option(0.999, "Adam beta2")
     lambda_l1: float = option(100.0, "weight of the L1 term in the generator loss")
-    gan_loss: str = option("bce", "adversarial loss: BCE on logits (paper) or least squares",
-                           GAN_LOSSES)
+    gan_loss: str = option("hinge", "adversarial loss: BCE on logits (paper), least squares or "
+                           "hinge", GAN_LOSSES)
+    ema_decay: float = option(0.999, "exponential moving average of the generator's weights, "
+                              "used for validation, samples and generator.pth (0: off; e.g. "
+                              "0.999)")
     seed: int = option(0, "random seed")
     max_steps: int = option(0, "stop after this many steps in total (0: no limit)")
     # Speed.
@@ -95,10 +102,12 @@ class TrainConfig:
                      "checkpoint_every_steps", "snapshot_every_epochs",
                      "discriminator_layers"):
             _check_number(name, getattr(self, name), minimum=0)
-        for name in ("lr", "beta1", "beta2", "lambda_l1"):
+        for name in ("lr", "lr_d", "beta1", "beta2", "lambda_l1", "ema_decay"):
             _check_number(name, getattr(self, name), minimum=0, integer=False)
         if self.lr == 0:
             raise UserError("--lr must be > 0")
+        if self.ema_decay >= 1:
+            raise UserError("--ema_decay must be < 1 (0: off)")
         if not (self.beta1 < 1 and self.beta2 < 1):
             raise UserError("--beta1 and --beta2 must be < 1")
         if self.decay_epochs > self.epochs:
@@ -125,7 +134,12 @@ class TrainConfig:
                            generator_channels=self.generator_channels,
                            discriminator_channels=self.discriminator_channels,
                            discriminator_layers=self.discriminator_layers,
-                           norm=self.norm, dropout=self.dropout)
+                           norm=self.norm, dropout=self.dropout, upsample=self.upsample,
+                           spectral_norm=self.spectral_norm)
+
+    @property
+    def discriminator_lr(self):
+        return self.lr_d or self.lr
 
     def loader_workers(self):
         if self.num_workers >= 0:
@@ -141,7 +155,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values):
+        """A saved configuration; one saved before a setting existed gets its old behaviour."""
         known = {f.name for f in fields(cls)}
+        values = {**LEGACY_DEFAULTS, **values}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
@@ -151,6 +167,31 @@ def _check_number(name, value, minimum, integer=True):
     if not ok or value < minimum:
         kind_name = "an integer" if integer else "a finite number"
         raise UserError(f"--{name} must be {kind_name} >= {minimum}, got {value!r}")
+
+
+# The paper's configuration (Isola et al. 2017, as the reference code runs it) of every setting
+# a later default may change: `--preset paper` restores it whatever the defaults are.
+PRESETS = {
+    "default": {},
+    "paper": {"generator_channels": 64, "discriminator_channels": 64, "discriminator_layers": 3,
+              "norm": "batch", "dropout": True, "upsample": "transposed", "spectral_norm": False,
+              "lr": 2e-4, "lr_d": 0.0, "beta1": 0.5, "beta2": 0.999, "lambda_l1": 100.0,
+              "gan_loss": "bce", "ema_decay": 0.0},
+}
+
+
+# Settings added after checkpoints were first written, as those runs had them.
+LEGACY_DEFAULTS = {k: PRESETS["paper"][k] for k in ("upsample", "spectral_norm", "lr_d",
+                                                    "ema_decay")}
+
+
+def apply_preset(given):
+    """The flags given (a dict from build_parser) over the named preset's values."""
+    given = dict(given)
+    name = given.pop("preset", "default")
+    if name not in PRESETS:
+        raise UserError(f"--preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return {**PRESETS[name], **given}
 
 
 # Settings that may change when resuming; the rest would change the run itself.
@@ -167,6 +208,9 @@ def build_parser(description):
     """An argparse parser with one flag per TrainConfig field; defaults are suppressed so the
     caller can tell which flags were given (for --demo and --resume)."""
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--preset", choices=tuple(PRESETS),
+                        help="start from these settings (paper: the paper's exact configuration);"
+                             " flags given too win (default: default)")
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else None
         help_text = f"{f.metadata['help']} (default: {default})"

@@ -25,6 +25,20 @@ def _instance_norm(channels):
 NORMS = {"batch": _batch_norm, "instance": _instance_norm}
 
 
+def _transposed_conv(c_in, c_out, bias):
+    return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=bias)
+
+
+def _resize_conv(c_in, c_out, bias):
+    # Odena et al. 2016: nearest 2x then a 3x3 convolution; every output pixel sees the same
+    # number of input pixels, so there is no checkerboard for the network to unlearn.
+    return nn.Sequential(OrderedDict(resize=nn.Upsample(scale_factor=2, mode="nearest"),
+                                     conv=nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)))
+
+
+UPSAMPLES = {"transposed": _transposed_conv, "resize": _resize_conv}
+
+
 def norm_layer(norm):
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {sorted(NORMS)}")
@@ -43,9 +57,15 @@ class ModelConfig:
     discriminator_layers: int = 3  # 0: 1x1 PixelGAN, 1: 16x16, 3: 70x70, 5: 286x286
     norm: str = "batch"  # "batch" (the paper) or "instance"
     dropout: bool = True  # dropout 0.5 in the deep decoder blocks (the paper's noise)
+    # Added later; a checkpoint without them gets the paper's networks (these defaults).
+    upsample: str = "transposed"  # generator's decoder: "transposed" (paper) or "resize" conv
+    spectral_norm: bool = False  # spectral norm on every discriminator convolution
 
     def __post_init__(self):
         norm_layer(self.norm)  # validates the name
+        if self.upsample not in UPSAMPLES:
+            raise ValueError(f"unknown upsample {self.upsample!r}; choose one of "
+                             f"{sorted(UPSAMPLES)}")
         size = self.image_size
         if size < 4 or size & (size - 1):
             raise ValueError(f"image_size must be a power of two >= 4, got {size}")
@@ -87,11 +107,12 @@ class UNetGenerator(nn.Module):
     """
 
     def __init__(self, in_channels=3, out_channels=3, base_channels=64, depth=8,
-                 norm="batch", dropout=True):
+                 norm="batch", dropout=True, upsample="transposed"):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth must be >= 2, got {depth}")
         make_norm = norm_layer(norm)
+        make_upsample = UPSAMPLES[upsample]
         # NOTE: like the reference, convolutions carry a bias only with instance norm
         # (affine-free), also where no norm follows (outermost and innermost down convs).
         bias = norm == "instance"
@@ -118,11 +139,10 @@ class UNetGenerator(nn.Module):
             c_in = widths[k - 1] if k == depth else 2 * widths[k - 1]
             layers["act"] = nn.ReLU(inplace=True)
             if k == 1:
-                layers["conv"] = nn.ConvTranspose2d(c_in, out_channels, 4, stride=2, padding=1)
+                layers["conv"] = make_upsample(c_in, out_channels, True)
                 layers["tanh"] = nn.Tanh()
             else:
-                layers["conv"] = nn.ConvTranspose2d(c_in, widths[k - 2], 4, stride=2,
-                                                    padding=1, bias=bias)
+                layers["conv"] = make_upsample(c_in, widths[k - 2], bias)
                 layers["norm"] = make_norm(widths[k - 2])
                 # The paper's only noise: dropout in the deep 8x-wide blocks above the
                 # bottleneck (levels 5..depth-1: three blocks at depth 8).
@@ -150,7 +170,8 @@ class PatchDiscriminator(nn.Module):
     1x1 PixelGAN. Input: label map and photo concatenated on channels.
     """
 
-    def __init__(self, in_channels=6, base_channels=64, num_layers=3, norm="batch"):
+    def __init__(self, in_channels=6, base_channels=64, num_layers=3, norm="batch",
+                 spectral_norm=False):
         super().__init__()
         make_norm = norm_layer(norm)
         bias = norm == "instance"
@@ -176,6 +197,10 @@ class PatchDiscriminator(nn.Module):
             layers["head"] = nn.Conv2d(c_out, 1, 4, stride=1, padding=1)
         self.layers = nn.Sequential(layers)
         init_weights(self)
+        if spectral_norm:  # Miyato et al. 2018: each layer 1-Lipschitz, applied after the init
+            for layer in self.layers:
+                if isinstance(layer, nn.Conv2d):
+                    nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, label, photo):  # (B, C1, H, W), (B, C2, H, W) -> (B, 1, h, w) logits
         return self.layers(torch.cat([label, photo], dim=1))
@@ -183,13 +208,13 @@ class PatchDiscriminator(nn.Module):
 
 def build_generator(config: ModelConfig) -> UNetGenerator:
     return UNetGenerator(config.in_channels, config.out_channels, config.generator_channels,
-                         config.depth, config.norm, config.dropout)
+                         config.depth, config.norm, config.dropout, config.upsample)
 
 
 def build_discriminator(config: ModelConfig) -> PatchDiscriminator:
     return PatchDiscriminator(config.in_channels + config.out_channels,
                               config.discriminator_channels, config.discriminator_layers,
-                              config.norm)
+                              config.norm, config.spectral_norm)
 
 
 def count_parameters(module):

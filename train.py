@@ -22,24 +22,32 @@ from tqdm import tqdm
 
 import metrics
 import runtime as rt
-from config import TrainConfig, build_parser, merge_for_resume
+from config import TrainConfig, apply_preset, build_parser, merge_for_resume
 from models import build_discriminator, build_generator
-from training_state import (LOSS_NAMES, CheckpointWriter, LossMeter, Progress, RunLog,
-                            claim_outputs, generator_only, load_resume_state, make_checkpoint,
-                            restore_training_state, save_sample_grid)
+from training_state import (LOSS_NAMES, CheckpointWriter, GeneratorEMA, LossMeter, Progress,
+                            RunLog, claim_outputs, load_resume_state, restore_training_state,
+                            save_checkpoints, save_sample_grid)
 from utils import UserError, make_folder, psnr, run_cli
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
 
 
-def gan_loss(logits, is_real, kind="bce"):
-    """Adversarial loss of a batch of PatchGAN logits against an all-real or all-fake target."""
+def gan_loss(logits, is_real, kind="bce", for_generator=False):
+    """Adversarial loss of a batch of PatchGAN logits against an all-real or all-fake target.
+
+    Hinge (Lim & Ye 2017, as in SAGAN/SPADE): D pushes real logits above 1 and fake below -1;
+    G (`for_generator`) raises the fake logits without a margin."""
+    if kind == "hinge":
+        logits = logits.float()
+        if for_generator:
+            return -logits.mean()
+        return F.relu(1 - logits).mean() if is_real else F.relu(1 + logits).mean()
     target = torch.ones_like(logits) if is_real else torch.zeros_like(logits)
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits.float(), target.float())
     if kind == "lsgan":
         return F.mse_loss(logits.float(), target.float())
-    raise ValueError(f"unknown GAN loss {kind!r}; choose bce or lsgan")
+    raise ValueError(f"unknown GAN loss {kind!r}; choose bce, lsgan or hinge")
 
 
 def discriminator_loss(real_logits, fake_logits, kind="bce"):
@@ -51,7 +59,7 @@ def discriminator_loss(real_logits, fake_logits, kind="bce"):
 
 def generator_loss(fake_logits, fake, target, lambda_l1, kind="bce"):
     """(loss, adversarial part, L1 part): fool D, and stay near the target in L1."""
-    adversarial = gan_loss(fake_logits, True, kind)
+    adversarial = gan_loss(fake_logits, True, kind, for_generator=True)
     l1 = F.l1_loss(fake.float(), target.float())
     return adversarial + lambda_l1 * l1, adversarial, l1
 
@@ -77,8 +85,8 @@ def adam_kernel(config, device):
             "foreach": None}
 
 
-def build_adam(module, config, device):
-    return torch.optim.Adam(module.parameters(), lr=config.lr,
+def build_adam(module, config, device, lr=None):
+    return torch.optim.Adam(module.parameters(), lr=lr or config.lr,
                             betas=(config.beta1, config.beta2), **adam_kernel(config, device))
 
 
@@ -95,10 +103,10 @@ def apply_adam_kernel(optimizer, config, device):
                 state["step"] = state["step"].to(param.device if on_device else "cpu")
 
 
-def set_lr(optimizers, lr):
+def set_lr(optimizers, lrs):
     """The learning rate is a function of the epoch, set at each epoch's start: --epochs or
     --decay_epochs changed on resume apply from the first resumed epoch."""
-    for optimizer in optimizers:
+    for optimizer, lr in zip(optimizers, lrs):
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -202,7 +210,8 @@ def epochs_of_batches(loader, sampler, optimizers, progress, config):
     the samples already used)."""
     while progress.epoch < config.epochs and not step_limit_reached(progress.step, config):
         epoch = progress.epoch
-        set_lr(optimizers, config.lr * lr_factor(epoch, config.epochs, config.decay_epochs))
+        factor = lr_factor(epoch, config.epochs, config.decay_epochs)
+        set_lr(optimizers, (config.lr * factor, config.discriminator_lr * factor))
         sampler.set_epoch(epoch, skip_samples=progress.samples_done)
         for done, batch in enumerate(loader, 1):
             yield epoch, batch, done == len(loader)
@@ -213,17 +222,6 @@ def total_steps(config, loader, runtime):
     per_process = -(-len(loader.dataset) // runtime.world_size)
     steps = config.epochs * -(-per_process // config.batch_size)
     return min(steps, config.max_steps) if config.max_steps else steps
-
-
-def save_checkpoints(writer, config, nets, optimizers, scaler, meter, progress, snapshot):
-    """generator.pth, latest.pth and (`snapshot`) epoch_N.pth, written in the background."""
-    latest = make_checkpoint(config, nets.generator, progress, nets.discriminator, optimizers,
-                             scaler, meter.running_state())
-    folder = Path(config.checkpoint_dir)
-    files = {folder / "generator.pth": generator_only(latest), folder / "latest.pth": latest}
-    if snapshot:
-        files[folder / f"epoch_{progress.epoch:04d}.pth"] = generator_only(latest)
-    writer.save(files)
 
 
 # --- The training loop ----------------------------------------------------------------------
@@ -255,15 +253,16 @@ def _train(config, runtime, resume_from, overwrite):
     torch.manual_seed(config.seed)
     generator = rt.prepare(build_generator(config.model_config()), config, runtime)
     discriminator = rt.prepare(build_discriminator(config.model_config()), config, runtime)
-    optimizers = (build_adam(generator, config, runtime.device),
-                  build_adam(discriminator, config, runtime.device))
+    optimizers = (build_adam(generator, config, runtime.device, config.lr),
+                  build_adam(discriminator, config, runtime.device, config.discriminator_lr))
+    ema = GeneratorEMA(generator, config.ema_decay) if config.ema_decay else None
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     log = RunLog(config, runtime.is_main)
     progress, running = Progress(), None
     if resume_from is not None:
         checkpoint, path = resume_from
         progress, running = restore_training_state(checkpoint, path, generator, discriminator,
-                                                   optimizers, scaler)
+                                                   optimizers, scaler, ema)
         for optimizer in optimizers:
             apply_adam_kernel(optimizer, config, runtime.device)
         log.resume(progress.step)
@@ -273,6 +272,7 @@ def _train(config, runtime, resume_from, overwrite):
                                                        runtime))
     generator_in_backward = step_in_backward(generator, optimizers[0], config, runtime)
     meter = LossMeter(runtime.device, running)
+    shown = ema.module if ema else generator  # what validation, samples and FID see
 
     # Data. The decided layout and label half go into every checkpoint's configuration: a
     # resume reads the same half whatever the detector would say of the folder then.
@@ -300,6 +300,8 @@ def _train(config, runtime, resume_from, overwrite):
             target = runtime.to_device(batch["target"])
             losses = gan_step(nets, optimizers, scaler, source, target, config, runtime,
                               generator_in_backward)
+            if ema:
+                ema.update(generator, progress.step)
             progress.step += 1
             progress.samples_done += config.batch_size * runtime.world_size
             if epoch_end:
@@ -330,20 +332,20 @@ def _train(config, runtime, resume_from, overwrite):
                 meter.reset()
                 bar.set_postfix({name: f"{v:.3f}" for name, v in means.items()})
             if validation:
-                last_val = validate(generator, val_dataset, runtime)
+                last_val = validate(shown, val_dataset, runtime)
                 if fid_cache is not None and every(progress.epoch, config.fid_every_epochs):
-                    scores = metrics.fid_of_generator(generator, val_dataset, runtime.device,
+                    scores = metrics.fid_of_generator(shown, val_dataset, runtime.device,
                                                       runtime.batch_size, fid_cache)
                     last_val.update(val_fid=scores["fid"], val_kid=scores["kid_mean"])
                 log.add_epoch(epoch, step, last_val, time.time() - start_time)
                 if runtime.is_main:
                     tqdm.write(describe_epoch(epoch, config.epochs, step, last_val))
             if samples and runtime.is_main:
-                save_sample_grid(generator, sample_batch, runtime, config.sample_dir, step)
+                save_sample_grid(shown, sample_batch, runtime, config.sample_dir, step)
             if save and runtime.is_main:
                 progress.elapsed = time.time() - start_time
                 snapshot = epoch_end and every(progress.epoch, config.snapshot_every_epochs)
-                save_checkpoints(writer, config, nets, optimizers, scaler, meter, progress,
+                save_checkpoints(writer, config, nets, ema, optimizers, scaler, meter, progress,
                                  snapshot)
             if stopping:
                 break
@@ -374,7 +376,8 @@ def parse(argv=None):
     parser.add_argument("--demo", action="store_true", default=False,
                         help="make the synthetic demo set and train on it (a few minutes)")
     args = vars(parser.parse_args(argv))
-    return args.pop("resume"), args.pop("overwrite"), args.pop("demo"), args
+    flags = (args.pop("resume"), args.pop("overwrite"), args.pop("demo"))
+    return (*flags, apply_preset(args) if "preset" in args else args)
 
 
 def main(argv=None):

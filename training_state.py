@@ -5,10 +5,13 @@ Checkpoint format (a plain dict; loads with torch.load(weights_only=True)):
   format, version, config (TrainConfig as a dict, with "model"), step, epoch, samples_done
   (of this epoch, over all processes), generator (state dict); latest.pth adds discriminator,
   both optimisers, the grad scaler, RNG states, the loss log's running sums and the elapsed
-  seconds. The learning rate is a function of the epoch (train.lr_factor), so no scheduler
+  seconds. With --ema_decay, "generator" holds the averaged weights (what inference and
+  validation use) and latest.pth adds "generator_train", the weights being trained.
+  The learning rate is a function of the epoch (train.lr_factor), so no scheduler
   state is kept; older checkpoints' scheduler entries are ignored.
 """
 
+import copy
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +35,32 @@ class Progress:
     epoch: int = 0
     samples_done: int = 0  # of this epoch, over all processes
     elapsed: float = 0.0
+
+
+class GeneratorEMA:
+    """An exponential moving average of the generator's weights (Karras et al. 2018; Yazici et
+    al. 2019): validation, samples, generator.pth and inference use `module`.
+
+    The decay ramps up as min(decay, (1 + step) / (10 + step)), so that the first steps'
+    random weights are soon forgotten; it is a function of the step, so nothing but the
+    averaged weights needs saving. NOTE: batch-norm running statistics are not averaged but
+    copied from the live generator at every update (as StyleGAN2-ADA does): they follow the
+    live weights, which the averaged ones trail by about 1 / (1 - decay) steps.
+    """
+
+    def __init__(self, generator, decay):
+        self.decay = decay
+        self.module = copy.deepcopy(generator).eval().requires_grad_(False)
+
+    def decay_at(self, step):
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, generator, step):
+        averaged, live = list(self.module.parameters()), list(generator.parameters())
+        torch._foreach_lerp_(averaged, [p.detach() for p in live], 1 - self.decay_at(step))
+        for mine, theirs in zip(self.module.buffers(), generator.buffers()):
+            mine.copy_(theirs)
 
 
 # --- A new run never replaces an old one ----------------------------------------------------
@@ -72,9 +101,11 @@ def claim_outputs(config, overwrite=False, resume_path=None, is_main=True):
 # --- Checkpoints ----------------------------------------------------------------------------
 
 def make_checkpoint(config, generator, progress, discriminator=None, optimizers=None,
-                    scaler=None, running=None):
+                    scaler=None, running=None, generator_train=None):
     """The checkpoint dict: generator.pth's, or latest.pth's when `discriminator` is given.
-    Its tensors are the live ones: CheckpointWriter copies them before training goes on."""
+    `generator` is what inference uses (the averaged weights with --ema_decay, whose trained
+    generator is `generator_train`). Its tensors are the live ones: CheckpointWriter copies
+    them before training goes on."""
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -94,7 +125,9 @@ def make_checkpoint(config, generator, progress, discriminator=None, optimizers=
             log_running=running,
             elapsed=progress.elapsed,
         )
-    for what in ("generator", "discriminator"):
+        if generator_train is not None:
+            checkpoint["generator_train"] = generator_train.state_dict()
+    for what in ("generator", "discriminator", "generator_train"):
         if what in checkpoint:
             _refuse_non_finite(checkpoint[what], what, progress.step)
     return checkpoint
@@ -178,6 +211,19 @@ def _write_all(copies):
         save_checkpoint(checkpoint, path)
 
 
+def save_checkpoints(writer, config, nets, ema, optimizers, scaler, meter, progress, snapshot):
+    """generator.pth, latest.pth and (`snapshot`) epoch_N.pth, written in the background;
+    with `ema`, generator.pth and the snapshots hold the averaged weights."""
+    latest = make_checkpoint(config, ema.module if ema else nets.generator, progress,
+                             nets.discriminator, optimizers, scaler, meter.running_state(),
+                             nets.generator if ema else None)
+    folder = Path(config.checkpoint_dir)
+    files = {folder / "generator.pth": generator_only(latest), folder / "latest.pth": latest}
+    if snapshot:
+        files[folder / f"epoch_{progress.epoch:04d}.pth"] = generator_only(latest)
+    writer.save(files)
+
+
 def load_resume_state(path):
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.get("config"), dict):
@@ -188,12 +234,17 @@ def load_resume_state(path):
     return checkpoint
 
 
-def restore_training_state(checkpoint, path, generator, discriminator, optimizers, scaler):
+def restore_training_state(checkpoint, path, generator, discriminator, optimizers, scaler,
+                           ema=None):
     """Load everything a resumed run needs; returns (Progress, the loss log's running sums).
 
     A scaler saved disabled (a run that was not fp16) has no state: an fp16 resume starts its
-    scale afresh, as a new fp16 run would."""
-    load_state(generator, checkpoint["generator"], path, "generator")
+    scale afresh, as a new fp16 run would. With `ema` (a GeneratorEMA), "generator" holds the
+    averaged weights and "generator_train" the trained ones."""
+    load_state(generator, checkpoint.get("generator_train", checkpoint["generator"]), path,
+               "generator")
+    if ema is not None:
+        load_state(ema.module, checkpoint["generator"], path, "generator")
     load_state(discriminator, checkpoint["discriminator"], path, "discriminator")
     try:
         optimizers[0].load_state_dict(checkpoint["generator_optimizer"])

@@ -143,7 +143,7 @@ def test_gan_step_scores_the_real_photo_as_real_and_the_fake_as_fake():
     -0.5. Swapping real and fake anywhere in the step changes one of these numbers."""
     generator, discriminator = Constant(-0.5), Scale(2.0)
     nets = train.Networks(generator, discriminator, generator, discriminator, discriminator)
-    config = TrainConfig(lr=1e-3, fused_adam=False)
+    config = TrainConfig(lr=1e-3, fused_adam=False, gan_loss="bce")
     optimizers = [train.build_adam(m, config, torch.device("cpu"))
                   for m in (generator, discriminator)]
     scaler = torch.amp.GradScaler("cpu", enabled=False)

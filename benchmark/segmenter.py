@@ -1,0 +1,108 @@
+"""The quality benchmark's segmentation-consistency judge, in the spirit of the pix2pix paper's
+FCN-score: a small segmentation network trained once on real (synthetic) photos and their label
+maps, then applied to generated photos and compared with the input label maps.
+
+No pretrained weights are available offline, so the benchmark trains its own: a small
+encoder-decoder (three stride-2 levels, a skip from half resolution, logits upsampled
+bilinearly; sized to train in minutes on two CPU cores), cached next to the data it was trained
+on. Its score on the real val photos is the upper bound a generated photo can reach.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import metrics
+from cityscapes import NUM_TRAIN_IDS, decode_train_ids
+from utils import save_checkpoint, to_uint8
+
+SEGMENTER_FORMAT = "pix2pix-quality-segmenter"
+
+
+def _block(c_in, c_out, stride=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class Segmenter(nn.Module):
+    """(B, 3, H, W) photos in [-1, 1] -> (B, 19, H, W) train-ID logits (H, W multiples of 8)."""
+
+    def __init__(self, width=16, num_classes=NUM_TRAIN_IDS):
+        super().__init__()
+        self.stem = _block(3, width, 2)
+        self.down = nn.Sequential(_block(width, 2 * width, 2), _block(2 * width, 4 * width, 2),
+                                  _block(4 * width, 4 * width))
+        self.head = nn.Sequential(_block(4 * width + width, width),
+                                  nn.Conv2d(width, num_classes, 1))
+
+    def forward(self, photo):
+        skip = self.stem(photo)
+        deep = F.interpolate(self.down(skip), size=skip.shape[-2:], mode="bilinear",
+                             align_corners=False)
+        logits = self.head(torch.cat([deep, skip], dim=1))
+        return F.interpolate(logits, size=photo.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def train_ids_of(labels):
+    """(N, 3, H, W) label maps in [-1, 1] -> (N, H, W) int64 train IDs (255: ignored)."""
+    arrays = to_uint8(labels).permute(0, 2, 3, 1).cpu().numpy()
+    return torch.stack([torch.from_numpy(decode_train_ids(a)).long() for a in arrays])
+
+
+def train_segmenter(photos, train_ids, steps=400, batch_size=8, seed=0, lr=2e-3):
+    """A Segmenter fitted to (N, 3, H, W) photos in [-1, 1] and their (N, H, W) train IDs."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    network = Segmenter()
+    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+    network.train()
+    for _ in range(steps):
+        index = torch.randint(len(photos), (batch_size,), generator=generator)
+        x, y = photos[index], train_ids[index]
+        if torch.rand((), generator=generator) < 0.5:  # flip: streets are left-right symmetric
+            x, y = x.flip(-1), y.flip(-1)
+        loss = F.cross_entropy(network(x), y, ignore_index=255)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return network.eval()
+
+
+@torch.no_grad()
+def predict(network, photos, batch_size=32):
+    """(N, 3, H, W) photos in [-1, 1] -> (N, H, W) predicted train IDs."""
+    network.eval()
+    return torch.cat([network(photos[i:i + batch_size].float()).argmax(1)
+                      for i in range(0, len(photos), batch_size)])
+
+
+def consistency(network, photos, train_ids):
+    """Pixel accuracy, mean class accuracy and mean IoU of `network` on photos against the
+    train IDs of the label maps they should show (metrics.segmentation_scores)."""
+    confusion = metrics.confusion_matrix(predict(network, photos), train_ids, NUM_TRAIN_IDS)
+    scores = metrics.segmentation_scores(confusion)
+    return {k: scores[k] for k in ("pixel_accuracy", "mean_class_accuracy", "mean_iou")}
+
+
+def cached_segmenter(path, key, train_photos, train_ids, steps=400, log=print):
+    """The segmenter saved at `path` for this `key` (the data it depends on), else a new one,
+    trained and saved there. Returns (network, seconds spent training, 0 when cached)."""
+    path = Path(path)
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("format") == SEGMENTER_FORMAT and saved.get("key") == key:
+            network = Segmenter()
+            network.load_state_dict(saved["weights"])
+            return network.eval(), 0.0
+    log(f"training the segmentation judge ({steps} steps on {len(train_photos)} photos)...")
+    start = time.time()
+    network = train_segmenter(train_photos, train_ids, steps=steps)
+    seconds = time.time() - start
+    save_checkpoint({"format": SEGMENTER_FORMAT, "key": key,
+                     "weights": network.state_dict()}, path)
+    return network, seconds
