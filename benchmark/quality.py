@@ -48,7 +48,13 @@ CONFIGS = {
     "hinge": {"gan_loss": "hinge"},
     "ttur": {"lr_d": 4e-4},
     "sn": {"spectral_norm": True},
+    "fm": {"feature_matching": 10.0},
+    "msd": {"discriminator_scales": 2},
     "ema+resize+hinge": {"ema_decay": 0.999, "upsample": "resize", "gan_loss": "hinge"},
+    "ema+resize+hinge+fm": {"ema_decay": 0.999, "upsample": "resize", "gan_loss": "hinge",
+                            "feature_matching": 10.0},
+    "ema+resize+hinge+msd": {"ema_decay": 0.999, "upsample": "resize", "gan_loss": "hinge",
+                             "discriminator_scales": 2},
 }
 TEST_MODES = {"batchstats": "paper"}  # scored again on the checkpoints of this configuration
 METRICS = ("fid", "kid", "pixel_accuracy", "mean_iou", "l1", "psnr", "train_seconds")
