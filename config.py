@@ -50,6 +50,8 @@ class TrainConfig:
     upsample: str = option("resize", "generator's upsampling: transposed convolution "
                            "(paper) or nearest resize + 3x3 convolution", tuple(UPSAMPLES))
     spectral_norm: bool = option(False, "spectral norm on the discriminator's convolutions")
+    discriminator_scales: int = option(1, "PatchGANs judging at full, 1/2, ... resolution "
+                                       "(pix2pixHD's multi-scale discriminator; 1: the paper)")
     # Optimisation.
     epochs: int = option(50, "epochs in total")
     decay_epochs: int = option(0, "of --epochs, how many decay the LR linearly to 0")
@@ -59,6 +61,9 @@ class TrainConfig:
     beta1: float = option(0.5, "Adam beta1")
     beta2: float = option(0.999, "Adam beta2")
     lambda_l1: float = option(100.0, "weight of the L1 term in the generator loss")
+    feature_matching: float = option(0.0, "weight of pix2pixHD's feature matching: L1 between "
+                                     "D's features of real and generated pairs (0: off; "
+                                     "pix2pixHD: 10)")
     gan_loss: str = option("hinge", "adversarial loss: BCE on logits (paper), least squares or "
                            "hinge", GAN_LOSSES)
     ema_decay: float = option(0.999, "exponential moving average of the generator's weights, "
@@ -94,15 +99,16 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("image_size", "epochs", "batch_size", "generator_channels",
-                     "discriminator_channels", "log_every_steps", "val_every_epochs",
-                     "num_samples"):
+                     "discriminator_channels", "discriminator_scales", "log_every_steps",
+                     "val_every_epochs", "num_samples"):
             _check_number(name, getattr(self, name), minimum=1)
         for name in ("decay_epochs", "load_size", "max_steps", "sample_every_steps",
                      "fid_every_epochs",
                      "checkpoint_every_steps", "snapshot_every_epochs",
                      "discriminator_layers"):
             _check_number(name, getattr(self, name), minimum=0)
-        for name in ("lr", "lr_d", "beta1", "beta2", "lambda_l1", "ema_decay"):
+        for name in ("lr", "lr_d", "beta1", "beta2", "lambda_l1", "ema_decay",
+                     "feature_matching"):
             _check_number(name, getattr(self, name), minimum=0, integer=False)
         if self.lr == 0:
             raise UserError("--lr must be > 0")
@@ -135,7 +141,8 @@ class TrainConfig:
                            discriminator_channels=self.discriminator_channels,
                            discriminator_layers=self.discriminator_layers,
                            norm=self.norm, dropout=self.dropout, upsample=self.upsample,
-                           spectral_norm=self.spectral_norm)
+                           spectral_norm=self.spectral_norm,
+                           discriminator_scales=self.discriminator_scales)
 
     @property
     def discriminator_lr(self):
@@ -176,13 +183,15 @@ PRESETS = {
     "paper": {"generator_channels": 64, "discriminator_channels": 64, "discriminator_layers": 3,
               "norm": "batch", "dropout": True, "upsample": "transposed", "spectral_norm": False,
               "lr": 2e-4, "lr_d": 0.0, "beta1": 0.5, "beta2": 0.999, "lambda_l1": 100.0,
-              "gan_loss": "bce", "ema_decay": 0.0},
+              "gan_loss": "bce", "ema_decay": 0.0, "discriminator_scales": 1,
+              "feature_matching": 0.0},
 }
 
 
 # Settings added after checkpoints were first written, as those runs had them.
 LEGACY_DEFAULTS = {k: PRESETS["paper"][k] for k in ("upsample", "spectral_norm", "lr_d",
-                                                    "ema_decay")}
+                                                    "ema_decay", "discriminator_scales",
+                                                    "feature_matching")}
 
 
 def apply_preset(given):

@@ -2,7 +2,8 @@
 
 Both follow the reference pix2pix implementation layer for layer (same widths, kernels, norms,
 biases, dropout and init), but are written flat with readable names, so a state dict reads
-`encoder.down3.conv.weight` rather than `model.model.1.model.3...`.
+`encoder.down3.conv.weight` rather than `model.model.1.model.3...`. pix2pixHD's multi-scale
+discriminator (PatchGANs on the pair at full and reduced resolution) is the one addition.
 """
 
 import math
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def _batch_norm(channels):
@@ -60,6 +62,7 @@ class ModelConfig:
     # Added later; a checkpoint without them gets the paper's networks (these defaults).
     upsample: str = "transposed"  # generator's decoder: "transposed" (paper) or "resize" conv
     spectral_norm: bool = False  # spectral norm on every discriminator convolution
+    discriminator_scales: int = 1  # PatchGANs at full, 1/2, ... resolution (pix2pixHD: 2-3)
 
     def __post_init__(self):
         norm_layer(self.norm)  # validates the name
@@ -71,6 +74,15 @@ class ModelConfig:
             raise ValueError(f"image_size must be a power of two >= 4, got {size}")
         if self.discriminator_layers < 0:
             raise ValueError("discriminator_layers must be >= 0")
+        if self.discriminator_scales < 1:
+            raise ValueError("discriminator_scales must be >= 1")
+        # The coarsest PatchGAN needs at least one logit: its stride-2 blocks, then two
+        # 4x4 stride-1 convolutions that each take a pixel off.
+        coarsest = size // 2 ** (self.discriminator_scales - 1)
+        if self.discriminator_scales > 1 and self.discriminator_layers and \
+                coarsest // 2 ** self.discriminator_layers < 3:
+            raise ValueError(f"image_size {size} is too small for {self.discriminator_scales} "
+                             f"discriminator scales of {self.discriminator_layers} layers")
 
     @property
     def depth(self):
@@ -202,8 +214,46 @@ class PatchDiscriminator(nn.Module):
                 if isinstance(layer, nn.Conv2d):
                     nn.utils.parametrizations.spectral_norm(layer)
 
-    def forward(self, label, photo):  # (B, C1, H, W), (B, C2, H, W) -> (B, 1, h, w) logits
-        return self.layers(torch.cat([label, photo], dim=1))
+    def forward(self, label, photo, return_features=False):
+        """(B, C1, H, W), (B, C2, H, W) -> (B, 1, h, w) logits; with `return_features`,
+        (logits, [the output of each LeakyReLU]): what feature matching compares."""
+        x = torch.cat([label, photo], dim=1)
+        if not return_features:
+            return self.layers(x)
+        features = []
+        for layer in self.layers:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                features.append(x)
+        return x, features
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """pix2pixHD's multi-scale discriminator: PatchGAN `scale1` sees the full resolution, each
+    further one the pair average-pooled 2x once more, so its patches cover twice the scene.
+    Returns a list with one PatchGAN output per scale, finest first."""
+
+    def __init__(self, scales=2, **patch_options):
+        super().__init__()
+        for k in range(1, scales + 1):
+            self.add_module(f"scale{k}", PatchDiscriminator(**patch_options))
+
+    def forward(self, label, photo, return_features=False):
+        outputs = []
+        for k, discriminator in enumerate(self.children()):
+            if k:
+                label, photo = F.avg_pool2d(label, 2), F.avg_pool2d(photo, 2)
+            outputs.append(discriminator(label, photo, return_features))
+        return outputs
+
+
+def per_scale(output):
+    """A discriminator's output as (logit grids, feature lists or None), lists over its scales
+    (one for a single PatchGAN)."""
+    outputs = output if isinstance(output, list) else [output]
+    if isinstance(outputs[0], tuple):  # with return_features
+        return [logits for logits, _ in outputs], [features for _, features in outputs]
+    return outputs, None
 
 
 def build_generator(config: ModelConfig) -> UNetGenerator:
@@ -211,10 +261,15 @@ def build_generator(config: ModelConfig) -> UNetGenerator:
                          config.depth, config.norm, config.dropout, config.upsample)
 
 
-def build_discriminator(config: ModelConfig) -> PatchDiscriminator:
-    return PatchDiscriminator(config.in_channels + config.out_channels,
-                              config.discriminator_channels, config.discriminator_layers,
-                              config.norm, config.spectral_norm)
+def build_discriminator(config: ModelConfig) -> nn.Module:
+    """One PatchGAN (state-dict keys `layers.*`), or a MultiScaleDiscriminator of them."""
+    options = dict(in_channels=config.in_channels + config.out_channels,
+                   base_channels=config.discriminator_channels,
+                   num_layers=config.discriminator_layers, norm=config.norm,
+                   spectral_norm=config.spectral_norm)
+    if config.discriminator_scales == 1:
+        return PatchDiscriminator(**options)
+    return MultiScaleDiscriminator(config.discriminator_scales, **options)
 
 
 def count_parameters(module):

@@ -350,6 +350,13 @@ def build_val_dataset(config, runtime, train_dataset):
     return dataset
 
 
+def total_steps(config, loader, runtime):
+    """Steps of the whole run, for the progress bar (from a full epoch's length)."""
+    per_process = -(-len(loader.dataset) // runtime.world_size)
+    steps = config.epochs * -(-per_process // config.batch_size)
+    return min(steps, config.max_steps) if config.max_steps else steps
+
+
 def fixed_batch(dataset, indices, runtime):
     """A batch of chosen items (no augmentation keys), on the device."""
     items = [dataset[i] for i in indices]

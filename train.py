@@ -23,20 +23,22 @@ from tqdm import tqdm
 import metrics
 import runtime as rt
 from config import TrainConfig, apply_preset, build_parser, merge_for_resume
-from models import build_discriminator, build_generator
+from models import build_discriminator, build_generator, per_scale
 from training_state import (LOSS_NAMES, CheckpointWriter, GeneratorEMA, LossMeter, Progress,
-                            RunLog, claim_outputs, load_resume_state, restore_training_state,
-                            save_checkpoints, save_sample_grid)
+                            RunLog, claim_outputs, describe_epoch, load_resume_state,
+                            restore_training_state, save_checkpoints, save_sample_grid)
 from utils import UserError, make_folder, psnr, run_cli
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
-
 
 def gan_loss(logits, is_real, kind="bce", for_generator=False):
     """Adversarial loss of a batch of PatchGAN logits against an all-real or all-fake target.
 
     Hinge (Lim & Ye 2017, as in SAGAN/SPADE): D pushes real logits above 1 and fake below -1;
-    G (`for_generator`) raises the fake logits without a margin."""
+    G (`for_generator`) raises the fake logits without a margin. A list (one grid per scale of a
+    multi-scale D) gives the mean of the scales' losses."""
+    if isinstance(logits, list):
+        return sum(gan_loss(x, is_real, kind, for_generator) for x in logits) / len(logits)
     if kind == "hinge":
         logits = logits.float()
         if for_generator:
@@ -62,6 +64,13 @@ def generator_loss(fake_logits, fake, target, lambda_l1, kind="bce"):
     adversarial = gan_loss(fake_logits, True, kind, for_generator=True)
     l1 = F.l1_loss(fake.float(), target.float())
     return adversarial + lambda_l1 * l1, adversarial, l1
+
+
+def feature_matching_loss(real_features, fake_features):
+    """pix2pixHD's: L1 between D's features of (label, real), a target without gradient, and of
+    (label, fake); summed over layers, averaged over scales (lists per scale of lists per layer)."""
+    return sum(sum(F.l1_loss(f.float(), r.detach().float()) for r, f in zip(reals, fakes))
+               for reals, fakes in zip(real_features, fake_features)) / len(real_features)
 
 
 def lr_factor(epoch, epochs, decay_epochs):
@@ -150,7 +159,7 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
 
     # The discriminator: (label, real) against (label, fake), the fake detached.
     nets.discriminator.requires_grad_(True)
-    with runtime.autocast():
+    with runtime.autocast():  # a multi-scale D gives a list of logit grids: gan_loss takes both
         d_loss, d_real, d_fake = discriminator_loss(
             nets.discriminator_step(source, target),
             nets.discriminator_step(source, fake.detach()), config.gan_loss)
@@ -158,11 +167,19 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     scaler.step(discriminator_optimizer)
     discriminator_optimizer.zero_grad(set_to_none=True)  # freed now, not kept for a step
 
-    # The generator, through the frozen discriminator.
+    # The generator, through the frozen discriminator; with feature matching also towards D's
+    # features of the real pair (the logged adversarial loss leaves that term out).
     nets.discriminator.requires_grad_(False)
+    matching = {"return_features": True} if config.feature_matching else {}
     with runtime.autocast():
-        g_loss, g_adv, g_l1 = generator_loss(nets.discriminator_frozen(source, fake), fake,
-                                             target, config.lambda_l1, config.gan_loss)
+        fake_logits, fake_features = per_scale(nets.discriminator_frozen(source, fake, **matching))
+        g_loss, g_adv, g_l1 = generator_loss(fake_logits, fake, target, config.lambda_l1,
+                                             config.gan_loss)
+        if matching:
+            with torch.no_grad():
+                _, real_features = per_scale(nets.discriminator_frozen(source, target, **matching))
+            g_loss = g_loss + config.feature_matching * feature_matching_loss(real_features,
+                                                                              fake_features)
     scaler.scale(g_loss).backward()  # with step_in_backward: G is updated here
     if not generator_in_backward:
         scaler.step(generator_optimizer)
@@ -215,13 +232,6 @@ def epochs_of_batches(loader, sampler, optimizers, progress, config):
         sampler.set_epoch(epoch, skip_samples=progress.samples_done)
         for done, batch in enumerate(loader, 1):
             yield epoch, batch, done == len(loader)
-
-
-def total_steps(config, loader, runtime):
-    """Steps of the whole run, for the progress bar (from a full epoch's length)."""
-    per_process = -(-len(loader.dataset) // runtime.world_size)
-    steps = config.epochs * -(-per_process // config.batch_size)
-    return min(steps, config.max_steps) if config.max_steps else steps
 
 
 # --- The training loop ----------------------------------------------------------------------
@@ -292,7 +302,7 @@ def _train(config, runtime, resume_from, overwrite):
     # The bar is closed on an error too, so that the error's line does not land on the bar's;
     # the writer finishes the last checkpoint before train() returns or raises.
     with stop.installed(), CheckpointWriter() as writer, tqdm(
-            initial=progress.step, total=total_steps(config, loader, runtime), unit="step",
+            initial=progress.step, total=rt.total_steps(config, loader, runtime), unit="step",
             disable=not runtime.is_main, dynamic_ncols=True, leave=False) as bar:
         for epoch, batch, epoch_end in epochs_of_batches(loader, sampler, optimizers, progress,
                                                          config):
@@ -356,12 +366,6 @@ def _train(config, runtime, resume_from, overwrite):
               f"{runtime.checkpoint_dir / 'latest.pth'}", file=sys.stderr)
     return {"step": progress.step, "epoch": progress.epoch, "interrupted": stop.stopped,
             **last_val}
-
-
-def describe_epoch(epoch, epochs, step, values):
-    fid = f", FID {values['val_fid']:.2f}" if "val_fid" in values else ""
-    return (f"epoch {epoch + 1}/{epochs}: step {step}, val L1 {values['val_l1']:.4f}, "
-            f"val PSNR {values['val_psnr']:.2f} dB{fid}")
 
 
 # --- Command line ---------------------------------------------------------------------------

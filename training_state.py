@@ -355,6 +355,12 @@ class RunLog:
                             "pass another --log_file") from None
 
 
+def describe_epoch(epoch, epochs, step, values):
+    fid = f", FID {values['val_fid']:.2f}" if "val_fid" in values else ""
+    return (f"epoch {epoch + 1}/{epochs}: step {step}, val L1 {values['val_l1']:.4f}, "
+            f"val PSNR {values['val_psnr']:.2f} dB{fid}")
+
+
 # --- Sample grids ---------------------------------------------------------------------------
 
 @torch.no_grad()

@@ -28,7 +28,8 @@ PLAIN_TRAIN = ["--cache", "off", "--num_workers", "0", "--no_fused_adam",
 PLAIN_INFERENCE = ["--io_threads", "0"]
 
 DEFAULT_CONFIGS = {
-    "cpu": "fp32,default,fp32+fused,fp32+inbwd,fp32+cl,fp32+data,fp32+compile,fp32+fused+inbwd+cl+data,"
+    "cpu": "fp32,default,fp32+fused,fp32+inbwd,fp32+cl,fp32+data,fp32+compile,"
+           "fp32+fused+inbwd+cl+data,"
            "fp32+fused+inbwd+cl+data+compile,bf16,bf16+fused+inbwd+cl+data,"
            "bf16+fused+inbwd+cl+data+compile,bf16+fused+inbwd+cl+data+compile+png1",
     "cuda": "fp32,default,fp32+fused+inbwd+data,tf32+fused+inbwd+data,bf16+fused+inbwd+data,"

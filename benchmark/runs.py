@@ -1,6 +1,6 @@
-"""The speed benchmark's measurements, each run in a subprocess of its own so that its peak memory is
-its own: training through train.py, the loader alone, the bare generator forward, inference.py on
-a folder, and the FLOP count. `run_child` starts one and watches its memory.
+"""The speed benchmark's measurements, each run in a subprocess of its own so that its peak
+memory is its own: training through train.py, the loader alone, the bare generator forward,
+inference.py on a folder, and the FLOP count. `run_child` starts one and watches its memory.
 """
 
 import contextlib

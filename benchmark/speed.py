@@ -1,10 +1,10 @@
 """Speed of training and inference under each speed option, measured side by side.
 
-    python -m benchmark.speed --quick                    # small sizes: a minute or two on 2 CPU cores
-    python -m benchmark.speed                            # default model, 256x256: ~40 min on 2 cores
+    python -m benchmark.speed --quick          # small sizes: a minute or two on 2 CPU cores
+    python -m benchmark.speed                  # default model, 256x256: ~40 min on 2 cores
     python -m benchmark.speed --configs fp32,bf16+cl --batch_sizes 4 --repeats 5
-    python -m benchmark.speed --equivalence              # fixed-seed demo runs: validation L1 per option
-    python -m benchmark.speed --device cuda              # on a GPU: batch 16 and 64, MFU, loader headroom
+    python -m benchmark.speed --equivalence    # fixed-seed demo runs: validation L1 per option
+    python -m benchmark.speed --device cuda    # on a GPU: batch 16 and 64, MFU, loader headroom
 
 A configuration is option names joined by "+" (`bf16+fused+cl+data`). `fp32` alone is the plain
 baseline: fp32, eager, NCHW, PyTorch's default (multi-tensor) Adam stepped after backward, every
