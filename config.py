@@ -10,7 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
 from labelmaps import LABEL_FORMATS
-from models import NORMS, UPSAMPLES, ModelConfig
+from models import LABEL_INPUTS, NORMS, UPSAMPLES, ModelConfig
 from runtime import PRECISIONS
 from utils import UserError
 
@@ -52,6 +52,9 @@ class TrainConfig:
     spectral_norm: bool = option(False, "spectral norm on the discriminator's convolutions")
     discriminator_scales: int = option(1, "PatchGANs judging at full, 1/2, ... resolution "
                                        "(pix2pixHD's multi-scale discriminator; 1: the paper)")
+    label_input: str = option("rgb", "label maps as RGB colours (the paper) or one-hot: one "
+                              "channel per Cityscapes palette colour, nearest colour per pixel",
+                              LABEL_INPUTS)
     # Optimisation.
     epochs: int = option(50, "epochs in total")
     decay_epochs: int = option(0, "of --epochs, how many decay the LR linearly to 0")
@@ -118,6 +121,9 @@ class TrainConfig:
             raise UserError("--beta1 and --beta2 must be < 1")
         if self.decay_epochs > self.epochs:
             raise UserError(f"--decay_epochs {self.decay_epochs} exceeds --epochs {self.epochs}")
+        if self.label_input == "onehot" and self.direction != "label2photo":
+            raise UserError("--label_input onehot reads label maps: it needs --direction "
+                            "label2photo")
         if self.fid_every_epochs and self.direction != "label2photo":
             raise UserError("--fid_every_epochs scores generated photos: it needs "
                             "--direction label2photo")
@@ -142,7 +148,8 @@ class TrainConfig:
                            discriminator_layers=self.discriminator_layers,
                            norm=self.norm, dropout=self.dropout, upsample=self.upsample,
                            spectral_norm=self.spectral_norm,
-                           discriminator_scales=self.discriminator_scales)
+                           discriminator_scales=self.discriminator_scales,
+                           label_input=self.label_input)
 
     @property
     def discriminator_lr(self):
@@ -184,14 +191,14 @@ PRESETS = {
               "norm": "batch", "dropout": True, "upsample": "transposed", "spectral_norm": False,
               "lr": 2e-4, "lr_d": 0.0, "beta1": 0.5, "beta2": 0.999, "lambda_l1": 100.0,
               "gan_loss": "bce", "ema_decay": 0.0, "discriminator_scales": 1,
-              "feature_matching": 0.0},
+              "feature_matching": 0.0, "label_input": "rgb"},
 }
 
 
 # Settings added after checkpoints were first written, as those runs had them.
 LEGACY_DEFAULTS = {k: PRESETS["paper"][k] for k in ("upsample", "spectral_norm", "lr_d",
                                                     "ema_decay", "discriminator_scales",
-                                                    "feature_matching")}
+                                                    "feature_matching", "label_input")}
 
 
 def apply_preset(given):

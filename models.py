@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cityscapes import PALETTE
+
 
 def _batch_norm(channels):
     return nn.BatchNorm2d(channels)
@@ -25,6 +27,29 @@ def _instance_norm(channels):
 
 
 NORMS = {"batch": _batch_norm, "instance": _instance_norm}
+LABEL_INPUTS = ("rgb", "onehot")
+
+
+class PaletteOneHot(nn.Module):
+    """Colour label maps in [-1, 1] -> one channel per Cityscapes palette colour: each pixel is
+    1 in the channel of its nearest colour (the rule of cityscapes.nearest_colors, on the
+    device), so JPEG-noisy colours reach the network as clean classes. No weights; the palette
+    is a buffer outside the state dict."""
+
+    def __init__(self):
+        super().__init__()
+        colours = torch.tensor(PALETTE, dtype=torch.float32) / 127.5 - 1
+        self.register_buffer("palette", colours, persistent=False)
+        self.channels = len(PALETTE)
+
+    def forward(self, label):  # (B, 3, H, W) -> (B, K, H, W)
+        distances = torch.stack([(label.float() - c[None, :, None, None]).square().sum(1)
+                                 for c in self.palette], dim=1)
+        return F.one_hot(distances.argmin(1), self.channels).permute(0, 3, 1, 2).to(label.dtype)
+
+
+def label_encoding(label_input):
+    return PaletteOneHot() if label_input == "onehot" else nn.Identity()
 
 
 def _transposed_conv(c_in, c_out, bias):
@@ -63,9 +88,13 @@ class ModelConfig:
     upsample: str = "transposed"  # generator's decoder: "transposed" (paper) or "resize" conv
     spectral_norm: bool = False  # spectral norm on every discriminator convolution
     discriminator_scales: int = 1  # PatchGANs at full, 1/2, ... resolution (pix2pixHD: 2-3)
+    label_input: str = "rgb"  # "rgb" colours, or "onehot": one channel per palette colour
 
     def __post_init__(self):
         norm_layer(self.norm)  # validates the name
+        if self.label_input not in LABEL_INPUTS:
+            raise ValueError(f"unknown label_input {self.label_input!r}; choose one of "
+                             f"{', '.join(LABEL_INPUTS)}")
         if self.upsample not in UPSAMPLES:
             raise ValueError(f"unknown upsample {self.upsample!r}; choose one of "
                              f"{sorted(UPSAMPLES)}")
@@ -119,8 +148,10 @@ class UNetGenerator(nn.Module):
     """
 
     def __init__(self, in_channels=3, out_channels=3, base_channels=64, depth=8,
-                 norm="batch", dropout=True, upsample="transposed"):
+                 norm="batch", dropout=True, upsample="transposed", label_input="rgb"):
         super().__init__()
+        self.label_encoding = label_encoding(label_input)
+        in_channels = getattr(self.label_encoding, "channels", in_channels)
         if depth < 2:
             raise ValueError(f"depth must be >= 2, got {depth}")
         make_norm = norm_layer(norm)
@@ -164,6 +195,7 @@ class UNetGenerator(nn.Module):
         init_weights(self)
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H, W) in [-1, 1]
+        x = self.label_encoding(x)
         skips = []
         for block in self.encoder.values():
             x = block(x)
@@ -183,8 +215,11 @@ class PatchDiscriminator(nn.Module):
     """
 
     def __init__(self, in_channels=6, base_channels=64, num_layers=3, norm="batch",
-                 spectral_norm=False):
+                 spectral_norm=False, label_input="rgb"):
         super().__init__()
+        self.label_encoding = label_encoding(label_input)
+        if label_input == "onehot":  # the K class channels instead of the 3 colour ones
+            in_channels += self.label_encoding.channels - 3
         make_norm = norm_layer(norm)
         bias = norm == "instance"
         layers = OrderedDict()
@@ -217,7 +252,7 @@ class PatchDiscriminator(nn.Module):
     def forward(self, label, photo, return_features=False):
         """(B, C1, H, W), (B, C2, H, W) -> (B, 1, h, w) logits; with `return_features`,
         (logits, [the output of each LeakyReLU]): what feature matching compares."""
-        x = torch.cat([label, photo], dim=1)
+        x = torch.cat([self.label_encoding(label), photo], dim=1)
         if not return_features:
             return self.layers(x)
         features = []
@@ -258,7 +293,8 @@ def per_scale(output):
 
 def build_generator(config: ModelConfig) -> UNetGenerator:
     return UNetGenerator(config.in_channels, config.out_channels, config.generator_channels,
-                         config.depth, config.norm, config.dropout, config.upsample)
+                         config.depth, config.norm, config.dropout, config.upsample,
+                         config.label_input)
 
 
 def build_discriminator(config: ModelConfig) -> nn.Module:
@@ -266,7 +302,7 @@ def build_discriminator(config: ModelConfig) -> nn.Module:
     options = dict(in_channels=config.in_channels + config.out_channels,
                    base_channels=config.discriminator_channels,
                    num_layers=config.discriminator_layers, norm=config.norm,
-                   spectral_norm=config.spectral_norm)
+                   spectral_norm=config.spectral_norm, label_input=config.label_input)
     if config.discriminator_scales == 1:
         return PatchDiscriminator(**options)
     return MultiScaleDiscriminator(config.discriminator_scales, **options)

@@ -3,11 +3,13 @@ upsampling, spectral norm, the hinge loss, D's own learning rate, the generator'
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import train
+from cityscapes import PALETTE
 from config import PRESETS, TrainConfig, apply_preset
 from conftest import tiny_config
 from inference import load_generator
@@ -119,3 +121,34 @@ def test_generator_pth_holds_the_averaged_weights_and_a_resume_continues_both(tm
         assert generator(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
     summary = train.main(["--resume", str(folder / "latest.pth"), "--max_steps", "5"])
     assert summary["step"] == 5
+
+
+# --- One-hot label input ------------------------------------------------------------------
+
+def test_one_hot_input_follows_the_one_nearest_colour_rule():
+    from cityscapes import nearest_colors
+    from demo.data import real_profile_pair
+    from models import PaletteOneHot
+    label, _ = real_profile_pair(np.random.default_rng(3), 64)  # blended, off-palette edges
+    x = torch.tensor(label).permute(2, 0, 1)[None].float() / 127.5 - 1
+    onehot = PaletteOneHot()(x)
+    assert onehot.shape == (1, len(onehot[0]), 64, 64) and (onehot.sum(1) == 1).all()
+    agree = (onehot[0].argmax(0).numpy() == nearest_colors(label)[0]).mean()
+    assert agree > 0.999  # the same rule; only float ties at equal distances may differ
+
+
+def test_one_hot_models_keep_their_keys_and_load_in_inference(tmp_path):
+    from conftest import write_checkpoint
+    from inference import Translator
+    rgb = build_generator(TrainConfig(image_size=32).model_config()).state_dict()
+    onehot = build_generator(TrainConfig(image_size=32, label_input="onehot")
+                             .model_config()).state_dict()
+    assert list(rgb) == list(onehot)  # no palette buffer in the state dict
+    assert onehot["encoder.down1.conv.weight"].shape[1] == len(PALETTE)
+    path = write_checkpoint(tmp_path / "g.pth", label_input="onehot")
+    generator, config = load_generator(path)
+    photo = Translator(generator, config, "cpu").translate([np.zeros((40, 48, 3), np.uint8)])[0]
+    assert photo.shape == (40, 48, 3)
+    with pytest.raises(UserError, match="needs --direction label2photo"):
+        TrainConfig(label_input="onehot", direction="photo2label")
+    assert TrainConfig.from_dict({"image_size": 32}).label_input == "rgb"  # old checkpoints
