@@ -38,12 +38,15 @@ class PaletteOneHot(nn.Module):
 
     def __init__(self):
         super().__init__()
-        colours = torch.tensor(PALETTE, dtype=torch.float32) / 127.5 - 1
-        self.register_buffer("palette", colours, persistent=False)
+        self.register_buffer("palette", torch.tensor(PALETTE, dtype=torch.float32),
+                             persistent=False)
         self.channels = len(PALETTE)
 
     def forward(self, label):  # (B, 3, H, W) -> (B, K, H, W)
-        distances = torch.stack([(label.float() - c[None, :, None, None]).square().sum(1)
+        # Back to 0..255 integers: exact squared distances, so ties go to the first colour as
+        # in cityscapes.nearest_colors (in [-1, 1] rounding would break them either way).
+        colours = ((label.float() + 1) * 127.5).round()
+        distances = torch.stack([(colours - c[None, :, None, None]).square().sum(1)
                                  for c in self.palette], dim=1)
         return F.one_hot(distances.argmin(1), self.channels).permute(0, 3, 1, 2).to(label.dtype)
 

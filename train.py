@@ -74,11 +74,9 @@ def feature_matching_loss(real_features, fake_features):
 
 
 def lr_factor(epoch, epochs, decay_epochs):
-    """Constant for the first `epochs - decay_epochs` epochs, then linearly towards 0.
-
-    NOTE: the reference steps its scheduler before the first epoch, so a one-epoch run there
-    trains at LR 0; here epoch 0 always trains at the full LR.
-    """
+    """Constant for the first `epochs - decay_epochs` epochs, then linearly towards 0. NOTE: the
+    reference steps its scheduler before the first epoch (a one-epoch run trains at LR 0 there);
+    here epoch 0 always trains at the full LR."""
     decay_start = epochs - decay_epochs
     if epoch < decay_start:
         return 1.0
@@ -110,14 +108,6 @@ def apply_adam_kernel(optimizer, config, device):
             state = optimizer.state.get(param, {})
             if "step" in state:
                 state["step"] = state["step"].to(param.device if on_device else "cpu")
-
-
-def set_lr(optimizers, lrs):
-    """The learning rate is a function of the epoch, set at each epoch's start: --epochs or
-    --decay_epochs changed on resume apply from the first resumed epoch."""
-    for optimizer, lr in zip(optimizers, lrs):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
 
 
 def step_in_backward(module, optimizer, config, runtime):
@@ -223,12 +213,15 @@ def step_limit_reached(step, config):
 
 def epochs_of_batches(loader, sampler, optimizers, progress, config):
     """(epoch, batch, whether it ends its epoch) for every batch left in the run. Each epoch
-    first sets its learning rate and its sampler's order (skipping, when resuming mid-epoch,
-    the samples already used)."""
+    first sets its sampler's order (skipping, when resuming mid-epoch, the samples already
+    used) and its learning rate, a function of the epoch: --epochs or --decay_epochs changed on
+    resume apply from the first resumed epoch."""
     while progress.epoch < config.epochs and not step_limit_reached(progress.step, config):
         epoch = progress.epoch
         factor = lr_factor(epoch, config.epochs, config.decay_epochs)
-        set_lr(optimizers, (config.lr * factor, config.discriminator_lr * factor))
+        for optimizer, lr in zip(optimizers, (config.lr, config.discriminator_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * factor
         sampler.set_epoch(epoch, skip_samples=progress.samples_done)
         for done, batch in enumerate(loader, 1):
             yield epoch, batch, done == len(loader)

@@ -1,13 +1,10 @@
-"""Deterministic synthetic street scenes, drawn from scratch (no Cityscapes pixels).
-
-A label map in the exact Cityscapes palette, and a "photo" rendered from the same layout with
-textures, shading and noise that a per-class colour lookup cannot reproduce but a conv net can
-partly learn. demo_data.py writes them to disk as a dataset.
-
-Geometry is in image units (0..1, y down), so every size draws the same scene. The ground is a
-plane seen from a car: its lines meet at a vanishing point on the horizon, and an object standing
-at ground row y has a scale proportional to its depth (0 at the horizon, 1 at the bottom row).
-"""
+"""Deterministic synthetic street scenes, drawn from scratch (no Cityscapes pixels): a label map
+in the exact Cityscapes palette and a "photo" of the same layout, with textures, shading and
+noise that a per-class colour lookup cannot reproduce but a conv net can partly learn
+(demo/data.py writes them to disk). Geometry is in image units (0..1, y down), so every size
+draws the same scene: the ground is a plane seen from a car, its lines meeting at a vanishing
+point on the horizon, and an object standing at ground row y has a scale proportional to its
+depth (0 at the horizon, 1 at the bottom row)."""
 
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -15,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cityscapes import COLORS, PALETTE
+
 CLASS_INDEX = {name: index for index, name in enumerate(COLORS)}
 MIN_SIZE = 32
 ROAD_WIDTH_M = 8.0  # two lanes; sets the metres -> image units scale at every depth

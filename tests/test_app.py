@@ -43,6 +43,20 @@ def test_snapping_is_the_projects_nearest_colour_rule(rng):
     assert np.array_equal(snapped, PALETTE[nearest_colors(noisy)[0]])
 
 
+def test_snapping_a_real_profile_label_map_recovers_its_classes(tmp_path):
+    """A label map as the public set's are (drawn large, downscaled, JPEG 4:2:0 at quality 95:
+    blended borders and ringing) snaps back to the palette, mostly onto its drawn classes."""
+    from demo.data import real_profile_pair, save_real_profile_jpeg
+    label, _ = real_profile_pair(np.random.default_rng(5), 256)
+    save_real_profile_jpeg(label, tmp_path / "label.jpg")
+    jpeg = np.asarray(Image.open(tmp_path / "label.jpg").convert("RGB"))
+    assert not np.array_equal(jpeg, label)  # the JPEG moved its colours
+    snapped = app.snap_to_palette(jpeg)
+    assert np.array_equal(snapped, PALETTE[nearest_colors(jpeg)[0]])
+    assert (nearest_colors(snapped)[1] == 0).all()  # every pixel exactly on the palette
+    assert (nearest_colors(snapped)[0] == nearest_colors(label)[0]).mean() > 0.9
+
+
 # --- The handler, on a real server in this process ------------------------------------------
 
 def png_bytes(array, format="PNG", **options):
