@@ -315,8 +315,7 @@ def parse(argv=None):
     parser.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
                         help="as inference.py's: auto is bf16 autocast where the device "
                              "computes bf16 natively, else fp32")
-    parser.add_argument("--channels_last", action="store_true",
-                        help="channels-last memory format (faster on CPUs)")
+    runtime.add_channels_last_flag(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the generator: a slower start, faster photos")
     parser.add_argument("--verbose", action="store_true", help="log every request")
@@ -334,7 +333,7 @@ def require_checkpoint(model_path):
                         "`python train.py --demo` (a few minutes on a CPU) or pass --model_path")
 
 
-def load_service(model_path, device, precision="auto", channels_last=False, compile=False):
+def load_service(model_path, device, precision="auto", channels_last="auto", compile=False):
     """A warmed-up PhotoService on the checkpoint, through inference.py's loading and
     translation code."""
     from inference import Translator, load_generator, optimize_generator
@@ -342,8 +341,10 @@ def load_service(model_path, device, precision="auto", channels_last=False, comp
     require_checkpoint(model_path)
     precision, why = runtime.resolve_precision(precision, device)
     runtime.set_math_mode(device, precision)
+    channels_last = runtime.resolve_channels_last(channels_last, precision)
     generator, config = load_generator(model_path, device)
-    print(f"device {device}, precision {precision} ({why})", flush=True)
+    print(f"device {device}, precision {precision} ({why})"
+          f"{', channels_last' if channels_last else ''}", flush=True)
     if config.get("direction", "label2photo") != "label2photo":
         raise UserError(f"{model_path}: the model translates photos to label maps; the page "
                         "needs a label2photo model")

@@ -11,7 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
 from labelmaps import LABEL_FORMATS
 from models import LABEL_INPUTS, NORMS, UPSAMPLES, ModelConfig
-from runtime import PRECISIONS
+from runtime import CHANNELS_LAST_CHOICES, PRECISIONS
 from utils import UserError
 
 GAN_LOSSES = ("bce", "lsgan", "hinge")
@@ -79,7 +79,8 @@ class TrainConfig:
     precision: str = option("auto", "auto: bf16 autocast where the device computes bf16 "
                             "natively, else fp32; fp32 (strict: no TF32), tf32 (CUDA), bf16, "
                             "fp16 autocast with a gradient scaler (CUDA)", PRECISIONS)
-    channels_last: bool = option(False, "channels-last memory format")
+    channels_last: str = option("auto", "channels-last memory format (auto: on where the "
+                                "precision is bf16 or fp16)", CHANNELS_LAST_CHOICES)
     compile: bool = option(False, "torch.compile both networks")
     fused_adam: bool = option(True, "Adam's fused kernel (CPU, CUDA): the same update in one "
                               "pass over the parameters (--no_fused_adam: PyTorch's default)")
@@ -101,6 +102,8 @@ class TrainConfig:
     num_samples: int = option(4, "validation pairs shown in each sample grid")
 
     def __post_init__(self):
+        if isinstance(self.channels_last, bool):  # Python callers: True / False
+            self.channels_last = "on" if self.channels_last else "off"
         for name in ("image_size", "epochs", "batch_size", "generator_channels",
                      "discriminator_channels", "discriminator_scales", "log_every_steps",
                      "val_every_epochs", "num_samples"):
@@ -172,6 +175,8 @@ class TrainConfig:
         """A saved configuration; one saved before a setting existed gets its old behaviour."""
         known = {f.name for f in fields(cls)}
         values = {**LEGACY_DEFAULTS, **values}
+        if isinstance(values.get("channels_last"), bool):  # saved when it was an on/off flag
+            values["channels_last"] = "on" if values["channels_last"] else "auto"
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
@@ -241,6 +246,12 @@ def build_parser(description):
                 # The off switch too, e.g. to resume a --sync_batchnorm run on a CPU.
                 parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
                                     help=argparse.SUPPRESS)
+            continue
+        if f.metadata.get("choices") == CHANNELS_LAST_CHOICES:  # --channels_last alone: on
+            parser.add_argument(f"--{f.name}", nargs="?", const="on", help=help_text,
+                                choices=CHANNELS_LAST_CHOICES)
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_const",
+                                const="off", help=argparse.SUPPRESS)
             continue
         kind = type(default)
         parser.add_argument(f"--{f.name}", type=_parse_as(kind), help=help_text,

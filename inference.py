@@ -243,8 +243,7 @@ def parse(argv=None):
                         help="auto: bf16 autocast where the device computes bf16 natively, "
                              "else fp32; fp32 (strict: no TF32, as in training), tf32 (CUDA), "
                              "bf16, fp16 (CUDA)")
-    parser.add_argument("--channels_last", action="store_true",
-                        help="channels-last memory format")
+    rt.add_channels_last_flag(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the generator (start-up cost: pays off on large "
                              "folders)")
@@ -267,17 +266,19 @@ def main(argv=None):
     device = choose_device(args.device)
     precision, why = rt.resolve_precision(args.precision, device)
     rt.set_math_mode(device, precision)
+    channels_last = rt.resolve_channels_last(args.channels_last, precision)
     files, layout, skipped = list_inputs(args.input_dir, args.input_layout)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a folder (--output_dir)")
     generator, config = load_generator(args.model_path, device)
-    print(f"device {device}, precision {precision} ({why})")
+    print(f"device {device}, precision {precision} ({why})"
+          f"{', channels_last' if channels_last else ''}")
     make_folder(output_dir, "output_dir")  # fail before translating, not at the first write
-    generator = optimize_generator(generator, args.channels_last, args.compile,
+    generator = optimize_generator(generator, channels_last, args.compile,
                                    freeze=not args.paper_test_mode)
     translator = Translator(generator, config, device, args.native, args.paper_test_mode,
-                            precision, args.channels_last)
+                            precision, channels_last)
     pairs, label_side, evidence = find_side_by_side(files, args.input_layout, layout,
                                                     args.label_side)
     if pairs:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import metrics
 import runtime as rt
 from config import TrainConfig, apply_preset, build_parser, merge_for_resume
-from models import build_discriminator, build_generator, per_scale
+from models import build_discriminator, build_generator, per_scale, split_passes
 from training_state import (LOSS_NAMES, CheckpointWriter, GeneratorEMA, LossMeter, Progress,
                             RunLog, claim_outputs, describe_epoch, load_resume_state,
                             restore_training_state, save_checkpoints, save_sample_grid)
@@ -147,12 +147,13 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     with runtime.autocast():
         fake = nets.generator_step(source)
 
-    # The discriminator: (label, real) against (label, fake), the fake detached.
+    # The discriminator: (label, real) against (label, fake), the fake detached, in one pass
+    # over both batches (batch norm keeps each one's statistics, as two passes would).
     nets.discriminator.requires_grad_(True)
     with runtime.autocast():  # a multi-scale D gives a list of logit grids: gan_loss takes both
-        d_loss, d_real, d_fake = discriminator_loss(
-            nets.discriminator_step(source, target),
-            nets.discriminator_step(source, fake.detach()), config.gan_loss)
+        real_logits, fake_logits = split_passes(nets.discriminator_step(
+            torch.cat([source, source]), torch.cat([target, fake.detach()]), passes=2))
+        d_loss, d_real, d_fake = discriminator_loss(real_logits, fake_logits, config.gan_loss)
     scaler.scale(d_loss).backward()
     scaler.step(discriminator_optimizer)
     discriminator_optimizer.zero_grad(set_to_none=True)  # freed now, not kept for a step

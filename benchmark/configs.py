@@ -6,13 +6,15 @@ say, changes nothing in inference, so it is measured once for both)."""
 OPTIONS = {
     "fp32": {"train": ["--precision", "fp32"], "inference": ["--precision", "fp32"]},
     # The command a user runs with no speed flags: precision auto, the data defaults.
-    "default": {"train": ["--precision", "auto", "--cache", "auto", "--num_workers", "-1",
-                          "--fused_adam"], "inference": ["--precision", "auto",
-                                                         "--io_threads", "2"]},
+    "default": {"train": ["--precision", "auto", "--channels_last", "auto", "--cache", "auto",
+                          "--num_workers", "-1", "--fused_adam"],
+                "inference": ["--precision", "auto", "--channels_last", "auto",
+                              "--io_threads", "2"]},
     "tf32": {"train": ["--precision", "tf32"], "inference": None},
     "bf16": {"train": ["--precision", "bf16"], "inference": ["--precision", "bf16"]},
     "fp16": {"train": ["--precision", "fp16"], "inference": ["--precision", "fp16"]},
-    "cl": {"train": ["--channels_last"], "inference": ["--channels_last"]},
+    "cl": {"train": ["--channels_last", "on"], "inference": ["--channels_last", "on"]},
+    "nocl": {"train": ["--channels_last", "off"], "inference": ["--channels_last", "off"]},
     "compile": {"train": ["--compile"], "inference": ["--compile"]},
     "fused": {"train": ["--fused_adam"], "inference": []},
     "inbwd": {"train": ["--step_in_backward"], "inference": []},
@@ -23,9 +25,9 @@ OPTIONS = {
     # shared with other jobs, a spinning thread keeps the core its partner needs.
     "passive": {"train": [], "inference": [], "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
 }
-PLAIN_TRAIN = ["--cache", "off", "--num_workers", "0", "--no_fused_adam",
-               "--no_step_in_backward"]
-PLAIN_INFERENCE = ["--io_threads", "0"]
+PLAIN_TRAIN = ["--channels_last", "off", "--cache", "off", "--num_workers", "0",
+               "--no_fused_adam", "--no_step_in_backward"]
+PLAIN_INFERENCE = ["--channels_last", "off", "--io_threads", "0"]
 
 DEFAULT_CONFIGS = {
     "cpu": "fp32,default,fp32+fused,fp32+inbwd,fp32+cl,fp32+data,fp32+compile,"
@@ -69,7 +71,8 @@ def measurement_key(part, name):
     elif part == "inference":
         key = inference_flags
     else:  # the bare forward: precision, memory format, compile
-        key = sorted(set(name.split("+")) & {"bf16", "fp16", "cl", "compile"})
+        key = sorted(set(name.split("+")) & {"default", "bf16", "fp16", "cl", "nocl",
+                                             "compile"})
     return None if key is None else (tuple(key), tuple(sorted(env.items())))
 
 

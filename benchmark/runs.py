@@ -137,7 +137,7 @@ def child_profile(spec):
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     warmup, steps = spec["warmup_steps"], spec["steps"]
-    first = []
+    first, window_edges = [], []
 
     def on_optimizer_step(optimizer, *_):
         # The discriminator's optimiser steps once per training step, and first (the
@@ -145,6 +145,8 @@ def child_profile(spec):
         if not first:
             first.append(optimizer)
         if optimizer is first[0]:
+            synchronize(device)
+            window_edges.append(time.perf_counter())
             profiler.step()
 
     with profile(activities=activities, schedule=schedule(
@@ -158,7 +160,15 @@ def child_profile(spec):
     # An fp16 step skipped by the gradient scaler calls no optimiser: the window then starts a
     # step later (the benchmark runs a spare step); a window never closed reports nothing.
     events = profiler.key_averages() if profiler.step_num >= warmup + steps else []
-    return {"profile": time_by_kind(events, device.type == "cuda", steps) if events else None}
+    if not events:
+        return {"profile": None}
+    # The kinds' times are shares of the profiled window itself (from the profiler.step() that
+    # opened it to the one that closed it), not of other steps: a training step timed from the
+    # log is a different span, shifted by half a step, and the first steps after the warm-up
+    # can still be slower (oneDNN creating kernels), so a share could exceed 1.
+    window_s = (window_edges[warmup + steps - 1] - window_edges[warmup - 1]) / steps
+    return {"profile": {**time_by_kind(events, device.type == "cuda", steps),
+                        "step_s": window_s}}
 
 
 def time_by_kind(events, on_gpu, steps):

@@ -116,11 +116,9 @@ def measure_train(args, workdir, name, batch_size, rep, env):
 def measure_profile(args, workdir, name, env):
     """Seconds per training step in convolutions, in the optimisers and in the rest, at the
     largest batch size (under torch.profiler, so slightly slower than measure_train's)."""
-    result, steps = run_training(args, workdir, "profile", name, max(args.batch_sizes), "",
-                                 env, extra_steps=1, warmup_steps=args.warmup_steps,
-                                 steps=args.steps)
-    times = result["profile"]
-    return times and {**times, "step_s": statistics.mean(steps[:args.steps])}
+    result, _ = run_training(args, workdir, "profile", name, max(args.batch_sizes), "", env,
+                             extra_steps=1, warmup_steps=args.warmup_steps, steps=args.steps)
+    return result["profile"]  # seconds per step of the profiled window, by kind
 
 
 def measure_loader(args, workdir, name, rep):
@@ -146,13 +144,24 @@ def measure_inference(args, workdir, name, rep, env):
 
 def measure_forward(args, workdir, name, rep, env):
     run = workdir / "runs" / f"forward_{slug(name)}_r{rep}"
-    options = name.split("+")
-    precision = next((p for p in ("bf16", "fp16") if p in options), "fp32")
+    precision, channels_last = forward_options(name, args.device)
     spec = {"checkpoint": str(workdir / "generator.pth"), "device": args.device,
-            "image_size": args.image_size, "channels_last": "cl" in options,
-            "compile": "compile" in options, "precision": precision,
+            "image_size": args.image_size, "channels_last": channels_last,
+            "compile": "compile" in name.split("+"), "precision": precision,
             "batch_sizes": args.infer_batch_sizes, "warmup": 2, "iterations": args.steps}
     return run_child("forward", spec, run, {**env, **parse_config(name)[2]})["forward"]
+
+
+def forward_options(name, device):
+    """(precision, channels_last) of a configuration's bare forward: `default` as inference.py
+    decides them by default (for `device`), the named options over that."""
+    import runtime as rt
+    options = name.split("+")
+    precision = rt.resolve_precision("auto", device)[0] if "default" in options else "fp32"
+    precision = next((p for p in ("bf16", "fp16") if p in options), precision)
+    channels_last = "on" if "cl" in options else "off" if "nocl" in options else \
+        "auto" if "default" in options else "off"
+    return precision, rt.resolve_channels_last(channels_last, precision)
 
 
 def remove_tree(path):

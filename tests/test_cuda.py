@@ -51,7 +51,7 @@ def test_fp32_on_cuda_means_no_tf32(tmp_path, demo_set):
 
 def test_channels_last_compile_and_pinned_memory(tmp_path, demo_set):
     config = tiny_config(tmp_path, demo_set, epochs=1, device="cuda", precision="bf16",
-                         channels_last=True, compile=True, step_in_backward=True)
+                         channels_last="on", compile=True, step_in_backward=True)
     runtime = rt.Runtime(device=torch.device("cuda"))
     loader, _ = rt.build_train_loader(config, runtime)
     assert loader.pin_memory

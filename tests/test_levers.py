@@ -13,7 +13,8 @@ from cityscapes import PALETTE
 from config import PRESETS, TrainConfig, apply_preset
 from conftest import tiny_config
 from inference import load_generator
-from models import ModelConfig, build_discriminator, build_generator, count_parameters
+from models import (ModelConfig, ResizeConv2d, build_discriminator, build_generator,
+                    count_parameters)
 from training_state import GeneratorEMA
 from utils import UserError, load_checkpoint
 
@@ -53,7 +54,9 @@ def test_resize_upsampling_has_no_transposed_convolution():
     torch.manual_seed(0)
     generator = build_generator(ModelConfig(**SMALL, upsample="resize"))
     assert not any(isinstance(m, nn.ConvTranspose2d) for m in generator.modules())
-    assert sum(isinstance(m, nn.Upsample) for m in generator.modules()) == generator.depth
+    resize_convs = [m for m in generator.modules() if isinstance(m, ResizeConv2d)]
+    assert len(resize_convs) == generator.depth  # each holds a 3x3 kernel, whatever it runs
+    assert all(m.conv.weight.shape[-2:] == (3, 3) for m in resize_convs)
     with torch.no_grad():
         assert generator(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="upsample"):

@@ -73,12 +73,12 @@ def test_bf16_autocast_on_cpu_trains_like_fp32(tmp_path, demo_set, fp32_run):
 
 
 def test_channels_last_and_fused_adam_match_fp32(tmp_path, demo_set, fp32_run):
-    losses, _ = run_tiny(tmp_path, demo_set, "fast", channels_last=True, fused_adam=True)
+    losses, _ = run_tiny(tmp_path, demo_set, "fast", channels_last="on", fused_adam=True)
     assert_close_losses(fp32_run[0], losses, rel=1e-3)
 
 
 def test_channels_last_reaches_weights_inputs_and_outputs():
-    config = TrainConfig(**{**TINY, "channels_last": True})
+    config = TrainConfig(**{**TINY, "channels_last": "on"})
     runtime = rt.Runtime(device=torch.device("cpu"), channels_last=True)
     generator = rt.prepare(build_generator(config.model_config()), config, runtime)
     conv = generator.encoder["down2"].conv.weight

@@ -153,7 +153,7 @@ def test_resume_refuses_to_change_the_model(tmp_path, demo_set):
 
 def test_options_run_and_stay_finite(tmp_path, demo_set):
     config = tiny_config(tmp_path, demo_set, epochs=1, norm="instance", dropout=False,
-                         gan_loss="lsgan", precision="bf16", channels_last=True,
+                         gan_loss="lsgan", precision="bf16", channels_last="on",
                          discriminator_layers=1, direction="photo2label", crop=False,
                          flip=False)
     summary = train.train(config)
