@@ -21,6 +21,10 @@ OPTIONS = {
     "data": {"train": ["--cache", "auto", "--num_workers", "-1"],
              "inference": ["--io_threads", "2"]},
     "png1": {"train": [], "inference": ["--png_compression", "1"]},
+    # The paper's networks and losses (--preset paper): what the reference implementation
+    # computes. `paper+fp32` is the reference's work on the plain path; inference and the
+    # bare forward use a checkpoint of the paper's generator.
+    "paper": {"train": ["--preset", "paper"], "inference": []},
     # OpenMP threads that wait at a barrier sleep at once instead of spinning: on a machine
     # shared with other jobs, a spinning thread keeps the core its partner needs.
     "passive": {"train": [], "inference": [], "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
@@ -56,8 +60,13 @@ def parse_config(name):
 
 
 def as_config_dict(flags):
-    from config import build_parser
-    return vars(build_parser("").parse_args(flags))
+    from config import apply_preset, build_parser
+    return apply_preset(vars(build_parser("").parse_args(flags)))
+
+
+def model_of(name):
+    """Which networks a configuration trains and translates with: "paper" or "default"."""
+    return "paper" if "paper" in name.split("+") else "default"
 
 
 def measurement_key(part, name):
@@ -73,7 +82,7 @@ def measurement_key(part, name):
     else:  # the bare forward: precision, memory format, compile
         key = sorted(set(name.split("+")) & {"default", "bf16", "fp16", "cl", "nocl",
                                              "compile"})
-    return None if key is None else (tuple(key), tuple(sorted(env.items())))
+    return None if key is None else (tuple(key), tuple(sorted(env.items())), model_of(name))
 
 
 def loader_options(name):

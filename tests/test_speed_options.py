@@ -295,7 +295,8 @@ def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(output.read_text())
-    assert results["flops"]["train_step"]["2"] > 0 and results["flops"]["generator_forward"] > 0
+    flops = results["flops"]["default"]
+    assert flops["train_step"]["2"] > 0 and flops["generator_forward"] > 0
     for part in ("train", "inference", "forward"):
         rows = {row["config"]: row for row in results[part]}
         assert set(rows) == {"fp32", "bf16+fused+cl+data"}
