@@ -192,10 +192,15 @@ def test_corrupt_or_foreign_files_get_one_line(tmp_path, exported, suffix, capsy
             assert "not a pix2pix generator" in err
 
 
-def test_bad_output_and_missing_package(checkpoints, tmp_path, monkeypatch, capsys):
+def test_bad_output_and_missing_package(checkpoints, exported, tmp_path, monkeypatch, capsys):
     status, _, err = run_in_process(export.main, ["--model_path", checkpoints["rgb"],
                                                   "--output", tmp_path / "g.h5"], capsys)
     assert status == 2 and "unknown format '.h5'" in err
+    status, _, err = run_in_process(export.main, ["--model_path", exported["rgb", ".onnx"][0],
+                                                  "--output", tmp_path / "g.pt2"], capsys)
+    assert status == 2 and "already an ONNX graph" in err
+    with pytest.raises(inference.UserError, match="a torch.export program"):
+        inference.load_generator(exported["rgb", ".pt2"][0])
     monkeypatch.setitem(__import__("sys").modules, "onnxscript", None)  # as if not installed
     status, _, err = run_in_process(export.main, ["--model_path", checkpoints["rgb"],
                                                   "--output", tmp_path / "g.onnx"], capsys)
