@@ -307,7 +307,8 @@ def is_loopback(host):
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model_path", default="./checkpoints/generator.pth",
-                        help="generator.pth, latest.pth or an epoch snapshot")
+                        help="generator.pth, latest.pth, an epoch snapshot, a run folder "
+                             "(runs/NAME), or export.py's .safetensors or .onnx")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0: reachable from the network)")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port")
@@ -336,13 +337,16 @@ def require_checkpoint(model_path):
 def load_service(model_path, device, precision="auto", channels_last="auto", compile=False):
     """A warmed-up PhotoService on the checkpoint, through inference.py's loading and
     translation code."""
-    from inference import Translator, load_generator, optimize_generator
+    from inference import Translator, load_generator, optimize_generator, runs_in_pytorch
 
     require_checkpoint(model_path)
     precision, why = runtime.resolve_precision(precision, device)
     runtime.set_math_mode(device, precision)
-    channels_last = runtime.resolve_channels_last(channels_last, precision)
     generator, config = load_generator(model_path, device)
+    in_pytorch = runs_in_pytorch(generator, model_path, compile=compile)
+    if not in_pytorch:
+        precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
+    channels_last = in_pytorch and runtime.resolve_channels_last(channels_last, precision)
     print(f"device {device}, precision {precision} ({why})"
           f"{', channels_last' if channels_last else ''}", flush=True)
     if config.get("direction", "label2photo") != "label2photo":

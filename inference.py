@@ -4,16 +4,21 @@
         --model_path ./checkpoints/generator.pth
 
 The checkpoint carries the run's configuration, so no architecture flags are needed.
+--model_path also takes a run folder (runs/NAME) and export.py's .safetensors and .onnx files:
+every script that loads a generator does it through load_generator here.
 """
 
 import argparse
 import collections
 import contextlib
+import importlib
+import json
 import sys
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -23,26 +28,131 @@ import runtime as rt
 from dataset import IMAGE_SUFFIXES, LABEL_SIDES, PAIR_NAME, read_rgb
 from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
 from models import ModelConfig, build_generator
-from utils import (UserError, atomic_write, choose_device, load_checkpoint, load_state,
-                   make_folder, run_cli, to_uint8, to_unit_range)
+from utils import (EXPORT_FORMAT, UserError, atomic_write, choose_device, load_checkpoint,
+                   load_state, make_folder, one_line, run_cli, run_file, to_uint8,
+                   to_unit_range)
 
 INPUT_LAYOUTS = ("auto", "labels", "side_by_side", "paired")
 
 
+# --- Loading: a checkpoint, a run folder or an exported file -----------------------------------
+
+ONNX_INPUT, ONNX_OUTPUT = "label", "photo"  # the names export.py gives the graph's ends
+
+
 def load_generator(path, device="cpu"):
-    """(generator in eval mode, the checkpoint's configuration dict) from generator.pth or
-    latest.pth."""
-    checkpoint = load_checkpoint(path)
-    config = checkpoint.get("config")
+    """(generator, the run's configuration dict) from whatever --model_path names:
+    generator.pth, latest.pth or an epoch snapshot; a run folder (runs/NAME: its
+    generator.pth); export.py's .safetensors (an nn.Module again, in eval mode) or .onnx
+    (an OnnxGenerator: onnxruntime runs it, in fp32)."""
+    path = run_file(path, "generator.pth")
+    suffix = path.suffix.lower()
+    if suffix in (".onnx", ".safetensors") and not path.is_file():
+        raise UserError(f"{path}: file not found")
+    if suffix == ".onnx":
+        return load_onnx(path, device)
+    if suffix == ".pt2":
+        raise UserError(f"{path}: a torch.export program, for AOTInductor and other PyTorch "
+                        "runtimes (torch.export.load); --model_path takes .pth, .safetensors "
+                        "or .onnx")
+    if suffix == ".safetensors":
+        state_dict, config = read_safetensors(path)
+    else:
+        checkpoint = load_checkpoint(path)
+        state_dict, config = checkpoint.get("generator"), checkpoint.get("config")
     try:
         model_config = ModelConfig.from_dict(config["model"])
     except (TypeError, KeyError, ValueError) as e:
         raise UserError(f"{path}: the checkpoint's configuration is unreadable ({e})") from None
-    if not isinstance(checkpoint.get("generator"), dict):
+    if not isinstance(state_dict, dict):
         raise UserError(f"{path}: the checkpoint holds no generator weights")
     generator = build_generator(model_config)
-    load_state(generator, checkpoint["generator"], path, "generator")
+    load_state(generator, state_dict, path, "generator")
     return generator.to(device).eval(), config
+
+
+def optional_module(name, path):
+    """import `name`, or a one-line error saying what to install to read `path`."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{path}: reading it needs the {name} package: pip install -r "
+                        "requirements-extras.txt") from None
+
+
+def exported_config(metadata, path):
+    """The run's configuration dict from an exported file's metadata (export.py writes it)."""
+    if (metadata or {}).get("format") != EXPORT_FORMAT:
+        raise UserError(f"{path}: not a pix2pix generator exported by export.py (no "
+                        f"'format: {EXPORT_FORMAT}' in its metadata)")
+    try:
+        config = json.loads(metadata["config"])
+        ModelConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: the configuration in its metadata is unreadable "
+                        f"({type(e).__name__}: {one_line(e)[:120]})") from None
+    return config
+
+
+def read_safetensors(path):
+    """(state dict, configuration) of export.py's .safetensors: no pickle involved."""
+    safetensors = optional_module("safetensors", path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata()
+            state_dict = {key: file.get_tensor(key) for key in file.keys()}
+    except Exception as e:  # noqa: BLE001 (corrupt headers fail in several ways)
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                        f"{one_line(e)[:120]})") from None
+    return state_dict, exported_config(metadata, path)
+
+
+class OnnxGenerator:
+    """An exported .onnx generator behind the call a PyTorch one has: (B, 3, H, W) float
+    tensor in [-1, 1] -> photo tensor, H and W multiples of 2^depth (Translator pads to them).
+    onnxruntime computes in fp32 on the CPU, or on CUDA where its CUDA provider is installed."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def __call__(self, label):
+        array = np.ascontiguousarray(label.detach().float().cpu().numpy())
+        (photo,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: array})
+        return torch.from_numpy(photo).to(label.device)
+
+
+def load_onnx(path, device="cpu"):
+    """(OnnxGenerator, configuration) of export.py's .onnx."""
+    ort = optional_module("onnxruntime", path)
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda" and \
+            "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings are not the user's concern
+    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as PyTorch's
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
+        raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__}: "
+                        f"{one_line(e)[:120]})") from None
+    config = exported_config(session.get_modelmeta().custom_metadata_map, path)
+    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    if names != ([ONNX_INPUT], [ONNX_OUTPUT]):
+        raise UserError(f"{path}: expected one input {ONNX_INPUT!r} and one output "
+                        f"{ONNX_OUTPUT!r}, found {names[0]} and {names[1]}")
+    return OnnxGenerator(session), config
+
+
+def runs_in_pytorch(generator, path, paper_test_mode=False, compile=False):
+    """Refuse the options that need an nn.Module when `generator` is an ONNX graph."""
+    if isinstance(generator, torch.nn.Module):
+        return True
+    for flag, given in (("--paper_test_mode", paper_test_mode), ("--compile", compile)):
+        if given:
+            raise UserError(f"{path}: {flag} needs a PyTorch generator (.pth or .safetensors);"
+                            " an .onnx graph is fixed in evaluation mode")
+    return False
 
 
 class Translator:
@@ -181,6 +291,8 @@ def optimize_generator(generator, channels_last=False, compile=False, freeze=Tru
     """Channels-last weights, and torch.compile; with `freeze` (eval mode only) the compiler
     treats the weights as constants: batch norm is folded into the convolutions and weights
     are packed once instead of at every call."""
+    if not isinstance(generator, torch.nn.Module):  # an OnnxGenerator: onnxruntime's own
+        return generator
     if channels_last:
         generator = generator.to(memory_format=torch.channels_last)
     if compile:
@@ -225,7 +337,8 @@ def parse(argv=None):
     parser.add_argument("--input_dir", required=True, help="folder of label maps")
     parser.add_argument("--output_dir", required=True, help="where the PNGs go")
     parser.add_argument("--model_path", default="./checkpoints/generator.pth",
-                        help="generator.pth, latest.pth or an epoch snapshot")
+                        help="generator.pth, latest.pth, an epoch snapshot, a run folder "
+                             "(runs/NAME), or export.py's .safetensors or .onnx")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--native", action="store_true",
@@ -266,12 +379,15 @@ def main(argv=None):
     device = choose_device(args.device)
     precision, why = rt.resolve_precision(args.precision, device)
     rt.set_math_mode(device, precision)
-    channels_last = rt.resolve_channels_last(args.channels_last, precision)
     files, layout, skipped = list_inputs(args.input_dir, args.input_layout)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a folder (--output_dir)")
     generator, config = load_generator(args.model_path, device)
+    in_pytorch = runs_in_pytorch(generator, args.model_path, args.paper_test_mode, args.compile)
+    if not in_pytorch:
+        precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
+    channels_last = in_pytorch and rt.resolve_channels_last(args.channels_last, precision)
     print(f"device {device}, precision {precision} ({why})"
           f"{', channels_last' if channels_last else ''}")
     make_folder(output_dir, "output_dir")  # fail before translating, not at the first write

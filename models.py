@@ -48,7 +48,10 @@ class PaletteOneHot(nn.Module):
         colours = ((label.float() + 1) * 127.5).round()
         distances = torch.stack([(colours - c[None, :, None, None]).square().sum(1)
                                  for c in self.palette], dim=1)
-        return F.one_hot(distances.argmin(1), self.channels).permute(0, 3, 1, 2).to(label.dtype)
+        # NOTE: contiguous, not the permuted (channels-last) strides: with those torch.export
+        # (export.py) cannot allow a batch of one.
+        one_hot = F.one_hot(distances.argmin(1), self.channels).permute(0, 3, 1, 2)
+        return one_hot.contiguous().to(label.dtype)
 
 
 def label_encoding(label_input):

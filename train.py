@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 import metrics
 import runtime as rt
-from config import TrainConfig, apply_preset, build_parser, merge_for_resume
+from config import TrainConfig, apply_name, apply_preset, build_parser, merge_for_resume
 from models import build_discriminator, build_generator, per_scale, split_passes
 from training_state import (LOSS_NAMES, CheckpointWriter, GeneratorEMA, LossMeter, Progress,
                             RunLog, claim_outputs, describe_epoch, load_resume_state,
                             restore_training_state, save_checkpoints, save_sample_grid)
-from utils import UserError, make_folder, psnr, run_cli
+from utils import UserError, make_folder, psnr, run_cli, run_file
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
 
@@ -345,7 +345,8 @@ def _train(config, runtime, resume_from, overwrite):
                 if runtime.is_main:
                     tqdm.write(describe_epoch(epoch, config.epochs, step, last_val))
             if samples and runtime.is_main:
-                save_sample_grid(shown, sample_batch, runtime, config.sample_dir, step)
+                log.add_sample_grid(save_sample_grid(shown, sample_batch, runtime,
+                                                     config.sample_dir, step), step)
             if save and runtime.is_main:
                 progress.elapsed = time.time() - start_time
                 snapshot = epoch_end and every(progress.epoch, config.snapshot_every_epochs)
@@ -367,15 +368,16 @@ def _train(config, runtime, resume_from, overwrite):
 def parse(argv=None):
     parser = build_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--resume", metavar="CHECKPOINT", default=None,
-                        help="continue the run saved in this latest.pth")
+                        help="continue the run saved in this latest.pth or run folder")
     parser.add_argument("--overwrite", action="store_true", default=False,
                         help="start a new run where another run's checkpoints, log or sample "
                              "grids are, removing them (without it, such a start is refused)")
     parser.add_argument("--demo", action="store_true", default=False,
                         help="make the synthetic demo set and train on it (a few minutes)")
     args = vars(parser.parse_args(argv))
-    flags = (args.pop("resume"), args.pop("overwrite"), args.pop("demo"))
-    return (*flags, apply_preset(args) if "preset" in args else args)
+    resume = args.pop("resume")  # a latest.pth, or a run folder (runs/NAME) holding one
+    flags = (resume and run_file(resume, "latest.pth"), args.pop("overwrite"), args.pop("demo"))
+    return (*flags, apply_name(apply_preset(args) if "preset" in args else args))
 
 
 def main(argv=None):

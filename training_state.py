@@ -18,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from utils import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, atomic_write,
@@ -72,6 +74,8 @@ def run_files(config):
     found += sorted(checkpoints.glob("epoch_*.pth")) if checkpoints.is_dir() else []
     found += sorted(samples.glob("step_*.png")) if samples.is_dir() else []
     found.append(Path(config.log_file))
+    events = tensorboard_dir(config)
+    found += sorted(events.glob("events.out.tfevents.*")) if events.is_dir() else []
     return [path for path in found if path.is_file()]
 
 
@@ -92,7 +96,8 @@ def claim_outputs(config, overwrite=False, resume_path=None, is_main=True):
                                                          if len(found) > 3 else "")
         raise UserError(f"{names}: another run's files are there; continue it with --resume "
                         f"{Path(config.checkpoint_dir) / 'latest.pth'}, replace it with "
-                        "--overwrite, or pass other --checkpoint_dir/--log_file/--sample_dir")
+                        "--overwrite, or give the new run a --name (or other "
+                        "--checkpoint_dir/--log_file/--sample_dir)")
     for path in found:
         path.unlink(missing_ok=True)
     print(f"--overwrite: removed {len(found)} file(s) of the previous run")
@@ -312,20 +317,49 @@ class LossMeter:
         return {"sums": self.sums.tolist(), "count": self.count}
 
 
+def tensorboard_dir(config):
+    return Path(config.log_file).parent / "tensorboard"
+
+
 class RunLog:
     """The JSON loss log: per logging interval the mean losses, LR and seconds; per epoch the
     validation numbers. One JSON document, rewritten atomically (rank 0 only). It is handed
-    numbers already averaged over processes."""
+    numbers already averaged over processes. With --tensorboard the same numbers, and the
+    sample grids, also go to TensorBoard event files (tensorboard/ beside the log)."""
 
     def __init__(self, config, is_main=True):
         self.path = Path(config.log_file)
         self.is_main = is_main
         self.document = {"format": "pix2pix-log", "config": config.to_dict(),
                          "steps": [], "epochs": []}
+        self.tensorboard_dir = tensorboard_dir(config) if config.tensorboard and is_main else None
+        self.purge_step = None  # a resumed run drops the events logged after its checkpoint
+        self._tensorboard = None
+        if self.tensorboard_dir is not None:  # fail now, not at the first log line
+            try:
+                import tensorboard  # noqa: F401 (torch's SummaryWriter needs it)
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install "
+                                "tensorboard (or leave --tensorboard off)") from None
+
+    @property
+    def tensorboard(self):
+        if self.tensorboard_dir is not None and self._tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tensorboard = SummaryWriter(str(self.tensorboard_dir),
+                                              purge_step=self.purge_step)
+        return self._tensorboard
+
+    def _scalars(self, group, values, step):
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{group}/{name}", value, step)
 
     def add_steps(self, step, epoch, means, lr, seconds):
         self.document["steps"].append({"step": step, "epoch": epoch, **means, "lr": lr,
                                        "seconds": round(seconds, 3)})
+        self._scalars("train", {**means, "lr": lr}, step)
         self.save()
 
     def add_epoch(self, epoch, step, values, seconds):
@@ -336,14 +370,26 @@ class RunLog:
                             "fp32)")
         self.document["epochs"].append({"epoch": epoch, "step": step, **values,
                                         "seconds": round(seconds, 3)})
+        self._scalars("val", values, step)
         self.save()
+
+    def add_sample_grid(self, path, step):
+        """The grid save_sample_grid wrote, as a TensorBoard image (with --tensorboard)."""
+        if self.tensorboard is not None:
+            with Image.open(path) as grid:
+                self.tensorboard.add_image("samples", np.asarray(grid.convert("RGB")), step,
+                                           dataformats="HWC")
+            self.tensorboard.flush()
 
     def save(self):
         if self.is_main:
             save_json(self.document, self.path)
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
 
     def resume(self, step):
         """Continue the log on disk, dropping entries written after the checkpoint's step."""
+        self.purge_step = step + 1
         if not self.path.exists():
             return
         try:

@@ -15,6 +15,8 @@ import torch
 
 CHECKPOINT_FORMAT = "pix2pix-checkpoint"
 CHECKPOINT_VERSION = 1
+EXPORT_FORMAT = "pix2pix-generator"  # the marker in an exported file's metadata (export.py)
+RUNS_DIR = "runs"  # train.py --name NAME writes under runs/NAME/
 
 
 class UserError(Exception):
@@ -184,6 +186,19 @@ def save_checkpoint(checkpoint, path):
 
 
 # --- Checkpoints ----------------------------------------------------------------------------
+
+def run_file(path, name):
+    """`path` itself, or where a folder keeps `name`: a run folder (runs/NAME: its
+    checkpoints/`name`) or a checkpoint folder (its `name`)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for candidate in (path / "checkpoints" / name, path / name):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{path}: is a folder without checkpoints/{name} or {name}; pass a run "
+                    "folder (runs/NAME) or a checkpoint file")
+
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a pix2pix checkpoint safely: tensors and plain containers only, never code."""
