@@ -103,8 +103,10 @@ class ResizeConv2d(nn.Module):
         self._folded = None  # (weight's identity and version, its folded kernel): no-grad use
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, 2H, 2W)
-        area = x.shape[-2] * x.shape[-1]
-        if self.min_folded_area is None or area < self.min_folded_area:
+        # A traced graph (torch.compile, export) takes one path for every size: the folded.
+        small = not torch.compiler.is_compiling() and \
+            x.shape[-2] * x.shape[-1] < (self.min_folded_area or 0)
+        if self.min_folded_area is None or small:
             return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         return F.conv_transpose2d(x, self.folded_kernel(), self.conv.bias, stride=2, padding=1)
 
