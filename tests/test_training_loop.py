@@ -17,7 +17,7 @@ import runtime as rt
 import train
 import training_state
 import utils
-from config import TrainConfig
+from config import TrainConfig, build_parser
 from training_state import CheckpointWriter, LossMeter, Progress, restore_training_state
 from utils import UserError, load_checkpoint
 
@@ -274,6 +274,31 @@ def test_auto_precision_is_bf16_where_the_hardware_computes_it(monkeypatch, nati
     assert rt.resolve_precision("fp32", torch.device("cpu")) == ("fp32", "as asked")
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         rt.resolve_precision("fp16", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_channels_last_auto_follows_the_precision(monkeypatch, tmp_path, demo_set, native):
+    """Default `auto`: channels-last where the precision is bf16 (or fp16), NCHW in fp32; the
+    flags alone, `--no_`, and old checkpoints' booleans say on/off; train and inference alike."""
+    monkeypatch.setattr(rt, "native_bf16", lambda device: native)
+    config = tiny_config(tmp_path, demo_set, precision="auto")
+    assert config.channels_last == "auto"
+    runtime = rt.setup(config)
+    assert (runtime.precision, runtime.channels_last) == (("bf16", True) if native
+                                                          else ("fp32", False))
+    assert rt.resolve_channels_last("auto", "fp16") and not rt.resolve_channels_last("off", "bf16")
+    assert rt.resolve_channels_last("on", "fp32")
+    parser = build_parser("")
+    assert vars(parser.parse_args(["--channels_last"]))["channels_last"] == "on"
+    assert vars(parser.parse_args(["--no_channels_last"]))["channels_last"] == "off"
+    assert vars(parser.parse_args(["--channels_last", "auto"]))["channels_last"] == "auto"
+    saved = config.to_dict()
+    for old, now in ((True, "on"), (False, "auto")):  # saved when it was an on/off flag
+        assert TrainConfig.from_dict({**saved, "channels_last": old}).channels_last == now
+    args = inference.parse(["--input_dir", "x", "--output_dir", "y"])
+    assert args.channels_last == "auto"
+    assert inference.parse(["--input_dir", "x", "--output_dir", "y",
+                            "--channels_last"]).channels_last == "on"
 
 
 def test_fp32_is_strict_on_cuda_in_training_and_inference_alike(monkeypatch):
