@@ -58,8 +58,11 @@ def atomic_write(path, write_fn, mode="wb", clean_leftovers=False):
     make_folder(path.parent)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a file path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
-                               dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{_tmp_stem(path)}.{os.getpid()}.", suffix=".tmp",
+                                   dir=path.parent)
+    except OSError as e:  # a read-only folder, no inodes left, ...
+        raise WriteError(path, e) from None
     try:
         with os.fdopen(fd, mode) as f:
             _make_readable(tmp)
@@ -74,14 +77,34 @@ def atomic_write(path, write_fn, mode="wb", clean_leftovers=False):
             pass
         cause = _first_cause(e)
         if isinstance(cause, OSError):
-            raise UserError(f"{path}: could not write ({cause.strerror or cause}); "
-                            "the previous file, if any, is kept") from None
+            raise WriteError(path, cause) from None
         if cause is not e:
             raise cause from None
         raise
     _fsync_dir(path.parent)
     if clean_leftovers:
         _remove_leftovers(path)
+
+
+class WriteError(UserError):
+    """A file could not be written (`errno` says why: ENOSPC, EACCES, ...)."""
+
+    def __init__(self, path, error):
+        super().__init__(f"{path}: could not write ({error.strerror or error}); the previous "
+                         "file, if any, is kept")
+        self.errno = error.errno
+
+
+# A temporary file's name adds ~20 characters to the file's own: a long, legal name (most file
+# systems allow 255 bytes) is shortened in it so that its temporary file can exist too.
+TMP_STEM_BYTES = 200
+
+
+def _tmp_stem(path):
+    name = path.name
+    while len(name.encode("utf-8", "surrogateescape")) > TMP_STEM_BYTES:
+        name = name[:-1]
+    return name
 
 
 def _first_cause(error):
@@ -123,9 +146,10 @@ def _remove_leftovers(path):
     path = Path(path)
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
         return []
-    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[^.]+\.tmp")
+    stem = _tmp_stem(path)
+    pattern = re.compile(re.escape(f".{stem}.") + r"([0-9]+)\.[^.]+\.tmp")
     removed = []
-    for tmp in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
+    for tmp in path.parent.glob(glob.escape(f".{stem}.") + "*.tmp"):
         match = pattern.fullmatch(tmp.name)
         if match and not _process_exists(int(match[1])):
             try:
