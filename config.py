@@ -210,6 +210,8 @@ def apply_preset(given):
     return {**PRESETS[name], **given}
 
 
+OUTPUT_FIELDS = ("checkpoint_dir", "log_file", "sample_dir")
+
 # Settings that may change when resuming; the rest would change the run itself.
 RESUMABLE_OVERRIDES = {
     "epochs", "decay_epochs", "max_steps", "device", "num_workers", "cache", "precision",
@@ -271,4 +273,7 @@ def merge_for_resume(saved, given):
     if changed:
         raise UserError(f"--resume: cannot change {', '.join('--' + k for k in changed)} of a "
                         "run in progress; start a new run instead")
-    return TrainConfig.from_dict({**saved, **given})
+    # The outputs go where this command line says (its defaults included), never to the
+    # folders saved in the file: those may be another person's, on another machine.
+    outputs = {name: TrainConfig.__dataclass_fields__[name].default for name in OUTPUT_FIELDS}
+    return TrainConfig.from_dict({**saved, **outputs, **given})

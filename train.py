@@ -10,6 +10,7 @@ loop (`train`), whose one step counter drives one maintenance block (log, valida
 checkpoints, stop).
 """
 
+import contextlib
 import signal
 import sys
 import time
@@ -25,8 +26,9 @@ import runtime as rt
 from config import TrainConfig, apply_preset, build_parser, merge_for_resume
 from models import build_discriminator, build_generator, per_scale
 from training_state import (LOSS_NAMES, CheckpointWriter, GeneratorEMA, LossMeter, Progress,
-                            RunLog, claim_outputs, describe_epoch, load_resume_state,
-                            restore_training_state, save_checkpoints, save_sample_grid)
+                            RunLock, RunLog, claim_outputs, describe_epoch, load_resume_state,
+                            outputs_in_data, restore_training_state, resume_command,
+                            save_checkpoints, save_sample_grid)
 from utils import UserError, make_folder, psnr, run_cli
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
@@ -235,9 +237,14 @@ def train(config: TrainConfig, resume_from=None, overwrite=False):
     `resume_from` is (checkpoint dict, its path) of a latest.pth to continue; `overwrite`
     lets a new run replace the files of an earlier one in the same folders.
     """
+    outputs_in_data(config)  # before any output folder is made there
     runtime = rt.setup(config)
     try:
-        return _train(config, runtime, resume_from, overwrite)
+        # One run at a time in a checkpoint folder, held by the main process until it ends.
+        if runtime.is_main:
+            make_folder(config.checkpoint_dir, "checkpoint_dir")
+        with RunLock(config.checkpoint_dir) if runtime.is_main else contextlib.nullcontext():
+            return _train(config, runtime, resume_from, overwrite)
     finally:
         rt.teardown(runtime)
 
@@ -355,8 +362,8 @@ def _train(config, runtime, resume_from, overwrite):
 
     if stop.stopped and runtime.is_main:
         launcher = "torchrun ... train.py" if runtime.ddp else "python train.py"
-        print(f"interrupted at step {progress.step}; resume with: {launcher} --resume "
-              f"{runtime.checkpoint_dir / 'latest.pth'}", file=sys.stderr)
+        print(f"interrupted at step {progress.step}; resume with: "
+              f"{resume_command(config, launcher)}", file=sys.stderr)
     return {"step": progress.step, "epoch": progress.epoch, "interrupted": stop.stopped,
             **last_val}
 

@@ -242,6 +242,16 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
+def is_project_checkpoint(path):
+    """Whether `path` is a checkpoint with this project's format marker (memory-mapped: the
+    weights are not read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (anything unreadable is not one)
+        return False
+    return isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT
+
+
 def load_state(module, state_dict, path, what):
     """load_state_dict with a one-line message instead of a dump of mismatched keys."""
     try:

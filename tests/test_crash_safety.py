@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -25,8 +26,8 @@ import training_state
 import utils
 from utils import UserError, load_checkpoint, save_checkpoint, save_json
 
-from conftest import (FailingFile, cli_flags, finish, logged_steps, start_script, temp_files,
-                      tiny_config)
+from conftest import (FailingFile, cli_flags, finish, logged_steps, output_flags, start_script,
+                      temp_files, tiny_config)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -224,7 +225,7 @@ def assert_all_files_load(out):
     for folder in (checkpoints, out, out / "samples"):
         for path in folder.iterdir() if folder.exists() else []:
             assert path.is_dir() or path.suffix in (".pth", ".json", ".png") or \
-                TEMP_NAME.fullmatch(path.name), path
+                TEMP_NAME.fullmatch(path.name) or path.name == training_state.RunLock.NAME, path
     return latest["step"]
 
 
@@ -262,12 +263,12 @@ def test_sigkill_at_any_moment_leaves_loadable_files(tmp_path, demo_set):
         step = assert_all_files_load(out)
         kills.append((moment, step, caught, temp_files(checkpoints) + temp_files(out)))
         last_save = mtime(checkpoints / "latest.pth")
-        command = ["--resume", checkpoints / "latest.pth"]
+        command = ["--resume", checkpoints / "latest.pth", *output_flags(config)]
 
     # Resuming after the last kill continues one log and removes the killed saves' leftovers.
     step = kills[-1][1]
     summary = train.main(["--resume", str(checkpoints / "latest.pth"), "--max_steps",
-                          str(step + 2)])
+                          str(step + 2), *output_flags(config)])
     assert summary["step"] == step + 2
     assert logged_steps(out / "log.json") == list(range(1, step + 3)), kills
     assert temp_files(checkpoints) == [] and temp_files(out) == [], kills
@@ -303,14 +304,15 @@ def test_signal_saves_a_resumable_checkpoint(signalled_runs, name):
     assert result.returncode == SIGNALS[name][1], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     latest = folder / "checkpoints" / "latest.pth"
-    match = re.search(r"interrupted at step (\d+); resume with: python train.py --resume (\S+)",
-                      result.stderr)
+    match = re.search(r"interrupted at step (\d+); resume with: python train.py --resume (\S+)"
+                      r"(.*)", result.stderr)
     assert match, result.stderr[-3000:]
     step = int(match[1])
     assert Path(match[2]) == latest and load_checkpoint(latest)["step"] == step
     assert logged_steps(folder / "log.json") == list(range(1, step + 1))
     # Resume as told: one log, no step repeated or missing.
-    summary = train.main(["--resume", match[2], "--max_steps", str(step + 3)])
+    summary = train.main(["--resume", match[2], *shlex.split(match[3]), "--max_steps",
+                          str(step + 3)])
     assert summary["step"] == step + 3 and not summary["interrupted"]
     assert logged_steps(folder / "log.json") == list(range(1, step + 4))
     assert temp_files(folder / "checkpoints") == []
@@ -335,7 +337,7 @@ def test_resume_at_any_step_reproduces_the_run(tmp_path, demo_set, uninterrupted
     latest = Path(config.checkpoint_dir) / "latest.pth"
     for stop in (*stops[1:], 0):
         assert load_checkpoint(latest)["step"] < (stop or 8)
-        train.main(["--resume", str(latest), "--max_steps", str(stop)])
+        train.main(["--resume", str(latest), "--max_steps", str(stop), *output_flags(config)])
 
     whole, whole_log = uninterrupted
     resumed = load_checkpoint(latest)
