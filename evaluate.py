@@ -28,6 +28,8 @@ first 19 channels are the Cityscapes train IDs (a dict output: its "out"). Photo
 --seg_input_range, then normalised by (x - mean) / std in those units. Its predictions on the
 generated photos are compared with the input label maps decoded to train IDs
 (cityscapes.decode_train_ids), summed over the set; see metrics.segmentation_scores.
+NOTE: a TorchScript file is a program: loading it runs its code (unlike checkpoints, which load
+with weights_only=True). Use only --seg_model files from a source you trust.
 """
 
 import argparse
@@ -261,7 +263,9 @@ def parse(argv=None):
     parser.add_argument("--real_stats", metavar="FILE.npz",
                         help="real photos' Inception features: read if it exists, else saved")
     seg = parser.add_argument_group("FCN-score")
-    seg.add_argument("--seg_model", metavar="FILE", help="TorchScript segmentation network")
+    seg.add_argument("--seg_model", metavar="FILE",
+                     help="TorchScript segmentation network. NOTE: loading TorchScript runs the "
+                          "code inside the file: use only files from a source you trust")
     seg.add_argument("--seg_input_range", default="0-1", choices=tuple(SEG_INPUT_SCALES))
     seg.add_argument("--seg_mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
     seg.add_argument("--seg_std", type=float, nargs=3, default=[0.229, 0.224, 0.225])

@@ -23,6 +23,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import runtime as rt
+from config import check_model_values
+from config import saved as saved_config
 from dataset import IMAGE_SUFFIXES, LABEL_SIDES, PAIR_NAME, read_rgb
 from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
 from models import ModelConfig, build_generator
@@ -37,10 +39,10 @@ def load_generator(path, device="cpu"):
     latest.pth."""
     checkpoint = load_checkpoint(path)
     config = checkpoint.get("config")
-    try:
-        model_config = ModelConfig.from_dict(config["model"])
-    except (TypeError, KeyError, ValueError) as e:
-        raise UserError(f"{path}: the checkpoint's configuration is unreadable ({e})") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise UserError(f"{path}: the checkpoint's configuration is missing or unreadable")
+    # Data, not trusted: checked as the command line's values are, before anything is built.
+    model_config = saved_config(path, check_model_values, config["model"])
     if not isinstance(checkpoint.get("generator"), dict):
         raise UserError(f"{path}: the checkpoint holds no generator weights")
     generator = build_generator(model_config)

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from config import OUTPUT_FIELDS
+from config import OUTPUT_FIELDS, TrainConfig, check_model_values
+from config import saved as saved_config
 from utils import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, _process_exists,
                    atomic_write, get_rng_state, is_project_checkpoint, load_checkpoint,
                    load_state, one_line, save_checkpoint, save_json, set_rng_state)
@@ -369,6 +370,8 @@ def load_resume_state(path):
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.get("config"), dict):
         raise UserError(f"{path}: the checkpoint's configuration is missing or unreadable")
+    saved_config(path, TrainConfig.from_dict, checkpoint["config"])  # data: checked first
+    saved_config(path, check_model_values, checkpoint["config"].get("model", {}))
     if "discriminator" not in checkpoint:
         raise UserError(f"{path}: holds only the generator; resume from latest.pth, which "
                         "holds the full training state")

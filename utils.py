@@ -253,17 +253,21 @@ def is_project_checkpoint(path):
 
 
 def load_state(module, state_dict, path, what):
-    """load_state_dict with a one-line message instead of a dump of mismatched keys."""
-    try:
-        module.load_state_dict(state_dict)
-    except (RuntimeError, TypeError, AttributeError, ValueError) as e:
-        raise UserError(f"{path}: the {what} weights do not fit the architecture in the "
-                        f"checkpoint's configuration ({_mismatch(module, state_dict, e)})"
-                        ) from None
+    """load_state_dict with a one-line message instead of a dump of mismatched keys; names and
+    shapes are compared before any weight is copied."""
+    problem = _mismatch(module, state_dict)
+    if problem is None:
+        try:
+            module.load_state_dict(state_dict)
+            return
+        except (RuntimeError, TypeError, AttributeError, ValueError) as e:
+            problem = one_line(e)[:160]
+    raise UserError(f"{path}: the {what} weights do not fit the architecture in the "
+                    f"checkpoint's configuration ({problem})")
 
 
-def _mismatch(module, state_dict, error):
-    """What differs between `state_dict` and `module`, in a few words."""
+def _mismatch(module, state_dict):
+    """What differs between `state_dict` and `module`, in a few words; None if nothing."""
     if not isinstance(state_dict, dict):
         return f"a {type(state_dict).__name__} instead of a state dict"
     expected = module.state_dict()
@@ -271,13 +275,15 @@ def _mismatch(module, state_dict, error):
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
         return (f"{len(missing)} weights missing, {len(unexpected)} unexpected, e.g. "
-                f"{(missing or unexpected)[0]}; is it another model's state dict?")
+                f"{str((missing or unexpected)[0])[:80]}; is it another model's state dict?")
     for key, value in expected.items():
-        shape = list(getattr(state_dict[key], "shape", []))
+        if not isinstance(state_dict[key], torch.Tensor):
+            return f"{key} is a {type(state_dict[key]).__name__}, not a tensor"
+        shape = list(state_dict[key].shape)
         if shape != list(value.shape):
             return (f"{key} has shape {shape} in the file, {list(value.shape)} in the model; "
                     "was it saved with other channel settings?")
-    return one_line(error)[:160]
+    return None
 
 
 # --- Devices and randomness -----------------------------------------------------------------
