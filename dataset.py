@@ -119,7 +119,9 @@ def list_images(folder):
 
 
 def _natural_key(path):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+    # ASCII digits only: "²" is a digit to str.isdigit and to \d, not to int().
+    return [int(t) if t.isascii() and t.isdigit() else t
+            for t in re.split(r"([0-9]+)", path.name)]
 
 
 def detect_layout(images):

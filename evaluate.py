@@ -75,9 +75,16 @@ def load_real_stats(path, names):
         with np.load(path, allow_pickle=False) as saved:
             features, digest, how = (saved[k] for k in ("features", "names_sha1",
                                                         "preprocessing"))
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 (an empty, foreign or damaged file fails many ways)
+        reason = "empty file" if path.is_file() and not path.stat().st_size else \
+            one_line(e)[:100] or type(e).__name__
         raise UserError(f"{path}: not a real-statistics file of evaluate.py "
-                        f"({one_line(e)[:100]}); delete it or pass another --real_stats") from None
+                        f"({reason}); delete it or pass another --real_stats") from None
+    if features.ndim != 2 or features.dtype.kind != "f" or len(features) < 2 or \
+            not np.isfinite(features).all():
+        raise UserError(f"{path}: its features are not a finite (images, features) array "
+                        f"(a {features.dtype} array of shape {features.shape}); delete it or "
+                        "pass another --real_stats")
     if (str(how), str(digest)) != (metrics.INCEPTION_PREPROCESSING, names_digest(names)):
         raise UserError(f"{path}: computed from other real images than these {len(names)} (or "
                         "preprocessed otherwise); delete it or pass another --real_stats")

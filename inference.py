@@ -29,7 +29,7 @@ from dataset import IMAGE_SUFFIXES, LABEL_SIDES, PAIR_NAME, read_rgb
 from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
 from models import ModelConfig, build_generator
 from utils import (UserError, WriteError, atomic_write, choose_device, load_checkpoint,
-                   load_state, make_folder, run_cli, to_uint8, to_unit_range)
+                   load_state, make_folder, one_line, run_cli, to_uint8, to_unit_range)
 
 INPUT_LAYOUTS = ("auto", "labels", "side_by_side", "paired")
 
@@ -354,7 +354,7 @@ def main(argv=None):
                     batch.append(loading.result())
                 except UserError as e:
                     # On a line of its own, not the progress bar's.
-                    tqdm.write(f"error: {e}", file=sys.stderr)
+                    tqdm.write(f"error: {one_line(e)}", file=sys.stderr)
                     failures += 1
                     continue
                 names.append(target)
@@ -381,7 +381,7 @@ def wrote(writing):
     except WriteError as e:
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise
-        tqdm.write(f"error: {e}", file=sys.stderr)
+        tqdm.write(f"error: {one_line(e)}", file=sys.stderr)
         return False
     return True
 

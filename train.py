@@ -29,7 +29,7 @@ from training_state import (LOSS_NAMES, CheckpointWriter, GeneratorEMA, LossMete
                             RunLock, RunLog, claim_outputs, describe_epoch, load_resume_state,
                             outputs_in_data, restore_training_state, resume_command,
                             save_checkpoints, save_sample_grid)
-from utils import UserError, make_folder, psnr, run_cli
+from utils import UserError, make_folder, one_line, psnr, run_cli
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
 
@@ -225,11 +225,47 @@ def epochs_of_batches(loader, sampler, optimizers, progress, config):
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
         sampler.set_epoch(epoch, skip_samples=progress.samples_done)
-        for done, batch in enumerate(loader, 1):
+        for done, batch in enumerate(readable_batches(loader), 1):
             yield epoch, batch, done == len(loader)
 
 
+class UnreadableData(UserError):
+    """A training file could not be read mid-run (the data did not fit the cache)."""
+
+
+def readable_batches(loader):
+    """The loader's batches; a file it cannot read becomes UnreadableData, so that the loop
+    saves what it has trained before it stops."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise UnreadableData(one_line(e)) from None
+        yield batch
+
+
 # --- The training loop ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def saved_on_bad_data(config, runtime, progress, save, meter):
+    """A file the loader cannot read mid-run stops the run naming it, after saving the steps
+    trained since the last checkpoint (one process: under torchrun the others would wait)."""
+    saved_step = progress.step
+    try:
+        yield
+    except UnreadableData as e:
+        if runtime.ddp or progress.step == saved_step or not runtime.is_main:
+            raise UserError(str(e)) from None
+        *_, any_bad = rt.sum_over_ranks(meter.totals(), runtime)
+        meter.raise_if_bad(any_bad > 0)  # nothing non-finite is saved
+        save()
+        raise UserError(f"{e}; stopped after saving step {progress.step}: fix or remove the "
+                        f"file, then resume with {resume_command(config)}") from None
+
+
 
 def train(config: TrainConfig, resume_from=None, overwrite=False):
     """Train with `config`; returns a summary (last step and epoch, final validation numbers).
@@ -303,7 +339,9 @@ def _train(config, runtime, resume_from, overwrite):
     # the writer finishes the last checkpoint before train() returns or raises.
     with stop.installed(), CheckpointWriter() as writer, tqdm(
             initial=progress.step, total=rt.total_steps(config, loader, runtime), unit="step",
-            disable=not runtime.is_main, dynamic_ncols=True, leave=False) as bar:
+            disable=not runtime.is_main, dynamic_ncols=True, leave=False) as bar, \
+            saved_on_bad_data(config, runtime, progress, lambda: save_checkpoints(
+                writer, config, nets, ema, optimizers, scaler, meter, progress, False), meter):
         for epoch, batch, epoch_end in epochs_of_batches(loader, sampler, optimizers, progress,
                                                          config):
             source = runtime.to_device(batch["source"])  # (B, 3, H, W) in [-1, 1]

@@ -23,6 +23,12 @@ class UserError(Exception):
 
 def run_cli(main, argv=None):
     """Run a script's main(); a UserError becomes `error: ...` on stderr and exit status 2."""
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
     try:
         return main(argv)
     except UserError as e:
@@ -36,7 +42,11 @@ def run_cli(main, argv=None):
 def one_line(error):
     # A UserError re-raised from a DataLoader worker carries the worker's traceback as text;
     # its last line is the original message.
-    text = str(error).strip().splitlines()
+    text = str(error).strip()
+    if "Traceback (most recent call last)" not in text:  # a file name may hold a line break
+        return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], text) or \
+            type(error).__name__
+    text = text.splitlines()
     last = text[-1] if text else type(error).__name__
     prefix = f"{UserError.__module__}.{UserError.__name__}: "
     return last[len(prefix):] if last.startswith(prefix) else last

@@ -26,8 +26,8 @@ import training_state
 import utils
 from utils import UserError, load_checkpoint, save_checkpoint, save_json
 
-from conftest import (FailingFile, cli_flags, finish, logged_steps, output_flags, start_script,
-                      temp_files, tiny_config)
+from conftest import (FailingFile, cli_flags, finish, logged_steps, output_flags, run_in_process,
+                      start_script, temp_files, tiny_config)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -372,3 +372,53 @@ def test_a_full_disk_during_training_stops_and_keeps_the_last_checkpoint(tmp_pat
     assert str(latest) in str(error.value)
     assert load_checkpoint(latest)["step"] == 2
     assert temp_files(config.checkpoint_dir) == []
+
+
+# --- A file met mid-epoch that cannot be read; loader workers and signals --------------------
+
+
+def test_an_unreadable_file_mid_epoch_saves_then_stops_naming_it(tmp_path, demo_set, capsys,
+                                                                monkeypatch):
+    import dataset
+    config = tiny_config(tmp_path, demo_set, epochs=2, cache="off", checkpoint_every_steps=0)
+    real, reads = dataset.read_rgb, []
+
+    def read_rgb(path, *args, **kwargs):  # corrupt: the first file read after step 1
+        if Path(path).parent.name == "train" and Path(config.log_file).exists():
+            reads.append(path)
+            raise utils.UserError(f"{path}: cannot read the pair: corrupt or truncated")
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(dataset, "read_rgb", read_rgb)
+    status, _, err = run_in_process(train.main, cli_flags(config), capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert str(reads[0]) in err and "saving step 1" in err and "--resume" in err, err
+    latest = Path(config.checkpoint_dir) / "latest.pth"
+    assert utils.load_checkpoint(latest)["step"] == 1  # the step trained is kept
+    assert logged_steps(config.log_file) == [1]
+
+
+SPAWNED_TRAIN = """
+import multiprocessing, runpy, sys
+multiprocessing.set_start_method(sys.argv[1])
+sys.argv = ["train.py", *sys.argv[2:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_ctrl_c_with_spawned_loader_workers_saves(tmp_path, demo_set, method):
+    config = tiny_config(tmp_path, demo_set, epochs=100, num_workers=1, cache="off")
+    process = subprocess.Popen(
+        [sys.executable, "-c", SPAWNED_TRAIN, method, *cli_flags(config)],
+        cwd=Path(train.__file__).parent, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    with ended(process):
+        assert wait_for(Path(config.log_file).exists, process)  # workers are serving batches
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        result = finish(process, timeout=60)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "exited unexpectedly" not in result.stderr and "Traceback" not in result.stderr
+    match = re.search(r"interrupted at step (\d+)", result.stderr)
+    assert match and utils.load_checkpoint(Path(config.checkpoint_dir) / "latest.pth")[
+        "step"] == int(match[1])

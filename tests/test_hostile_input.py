@@ -4,6 +4,7 @@ already lives in tests/test_bad_input.py (unreadable images, flags, checkpoints)
 tests/test_dataset.py (RGBA, palette, 16-bit grey, grayscale label maps, EXIF, orphans, sizes)."""
 
 import errno
+import json
 import os
 import re
 import struct
@@ -409,3 +410,84 @@ def test_a_too_long_temporary_name_is_shortened(tmp_path):
     path = tmp_path / ("n" * 250 + ".png")
     utils.atomic_write(path, lambda f: f.write(b"x"))
     assert path.read_bytes() == b"x" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# --- File names: non-ASCII digits, line breaks, bytes that are not UTF-8 --------------------
+
+ODD_NAMES = ["1\u00b22", "a\nb", os.fsdecode(b"bad\xff")]
+
+
+def test_odd_file_names_are_listed_sorted_and_named(tmp_path, tiny_checkpoint, capsys, rng):
+    train_dir = write_dataset(tmp_path / "data", splits=(("train", 2),)) / "train"
+    for name in ODD_NAMES:
+        (train_dir / f"{name}.jpg").write_bytes((train_dir / "1.jpg").read_bytes())
+    assert len(find_pairs(train_dir)[0]) == 5  # "²" is a digit to isdigit, not to int()
+    inputs = tmp_path / "in"
+    for name in ODD_NAMES:
+        save_image(draw_label_map(16, 16, rng), inputs / f"{name}.png")
+        (inputs / f"{name}_broken.png").write_bytes(b"not an image")
+    status, out, err = run_in_process(inference.main, [
+        "--input_dir", inputs, "--output_dir", tmp_path / "out", "--model_path",
+        tiny_checkpoint()], capsys)
+    assert status == 1 and "Traceback" not in err, err
+    lines = error_lines(err)
+    assert len(lines) == 3 and any("a\\nb_broken.png" in line for line in lines), lines
+    assert "wrote 3 image(s)" in out
+    assert len(list((tmp_path / "out").iterdir())) == 3
+
+
+def test_an_error_naming_a_file_with_a_line_break_stays_one_line(capsys):
+    def main(argv):
+        raise UserError("data/a\nb.jpg: cannot read the photo")
+    status, _, err = run_in_process(main, [], capsys)
+    assert status == 2 and err == "error: data/a\\nb.jpg: cannot read the photo\n"
+
+
+# --- evaluate.py --real_stats, plot_loss.py: files of the wrong shape -----------------------
+
+
+@pytest.mark.parametrize("content", ["empty", "text", "npy", "wrong keys", "text features",
+                                     "one row"])
+def test_a_foreign_real_stats_file_is_one_line(tmp_path, content):
+    import evaluate
+    import metrics
+    path = tmp_path / "stats.npz"
+    names = ["1.png", "2.png"]
+    good = dict(names_sha1=evaluate.names_digest(names),
+                preprocessing=metrics.INCEPTION_PREPROCESSING)
+    if content == "empty":
+        path.write_bytes(b"")
+    elif content == "text":
+        path.write_text("mu sigma")
+    elif content == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    elif content == "wrong keys":
+        with open(path, "wb") as f:
+            np.savez(f, something=np.zeros(3))
+    else:
+        features = np.array(["a", "b"]) if content == "text features" else np.zeros((1, 8))
+        with open(path, "wb") as f:
+            np.savez(f, features=features, **good)
+    with pytest.raises(UserError, match=re.escape(str(path))) as error:
+        evaluate.load_real_stats(path, names)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("steps", [[1, 2], [{"g_l1": 0.5}], [{"step": "one", "g_l1": 0.5}],
+                                   [{"step": 1, "g_l1": "high"}], [{"step": 1, "g_l1": None}]],
+                         ids=["numbers", "no step", "text step", "text loss", "null loss"])
+def test_a_log_of_the_wrong_shape_is_one_line(tmp_path, capsys, steps):
+    log = tmp_path / "log.json"
+    log.write_text(json.dumps({"steps": steps, "epochs": []}))
+    status, _, err = run_in_process(plot_loss.main, ["--log_file", log], capsys)
+    assert status == 2 and "Traceback" not in err and str(log) in err, err
+    assert "steps[0]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_log_epochs_of_the_wrong_shape_are_one_line(tmp_path, capsys):
+    log = tmp_path / "log.json"
+    for epochs in ([3], [{"epoch": 0, "val_l1": "x"}], {"0": 1}):
+        log.write_text(json.dumps({"steps": [{"step": 1, "g_l1": 0.5}], "epochs": epochs}))
+        status, _, err = run_in_process(plot_loss.main, ["--log_file", log], capsys)
+        assert status == 2 and "Traceback" not in err and "epochs" in err, err
