@@ -580,7 +580,9 @@ def main(argv=None):
             host, port = server.server_address[:2]
             if not is_loopback(args.host):
                 print(f"warning: --host {args.host}: the model is reachable from the network; "
-                      "anyone who can reach this machine can use it", file=sys.stderr)
+                      "anyone who can reach this machine can use it (it answers only to the "
+                      "host names given with --allowed_hosts, and loopback ones)",
+                      file=sys.stderr)
             shown = f"[{host}]" if ":" in host else host
             print(f"serving on http://{shown}:{port}/ (Ctrl-C to stop)", flush=True)
             server.serve_forever()

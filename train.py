@@ -286,14 +286,14 @@ def train(config: TrainConfig, resume_from=None, overwrite=False):
 
 
 def _train(config, runtime, resume_from, overwrite):
+    if Path(config.log_file).is_dir():
+        raise UserError(f"{config.log_file}: is a folder (--log_file)")
+    claim_outputs(config, overwrite, resume_from and resume_from[1], runtime.is_main)
     for folder, flag in ((config.checkpoint_dir, "checkpoint_dir"),
                          (config.sample_dir, "sample_dir"), (Path(config.log_file).parent,
                                                              "log_file")):
         if runtime.is_main:  # fail now, not after the first hour of training
             make_folder(folder, flag)
-    if Path(config.log_file).is_dir():
-        raise UserError(f"{config.log_file}: is a folder (--log_file)")
-    claim_outputs(config, overwrite, resume_from and resume_from[1], runtime.is_main)
 
     # Networks and optimisers: identical initial weights on every process.
     torch.manual_seed(config.seed)

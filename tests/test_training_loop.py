@@ -73,7 +73,7 @@ def test_a_resume_into_another_runs_folder_is_refused(tmp_path, demo_set):
     train.train(two)
     latest_one = Path(one.checkpoint_dir) / "latest.pth"
     with pytest.raises(UserError, match="another run's files"):
-        train.main(["--resume", str(latest_one), "--checkpoint_dir", two.checkpoint_dir])
+        train.main(["--resume", str(latest_one), *output_flags(two)])
 
 
 # --- The losses stay on the device between maintenance points --------------------------------
