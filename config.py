@@ -147,10 +147,20 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"--{f.name} {getattr(self, f.name)!r}: choose one of "
                                 f"{', '.join(choices)}")
+        for f in fields(self):  # the other fields' types (a saved configuration may be hostile)
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, (bool, str)) and type(value) is not type(default):
+                raise UserError(f"--{f.name} must be {type(default).__name__}, got {value!r}")
+        for name in ("seed", "num_workers"):
+            _check_number(name, getattr(self, name), minimum=-1 if name == "num_workers" else 0)
+        if self.image_size > MAX_IMAGE_SIZE or self.load_size > 2 * MAX_IMAGE_SIZE:
+            raise UserError(f"--image_size and --load_size must be at most {MAX_IMAGE_SIZE} "
+                            f"and {2 * MAX_IMAGE_SIZE}, got {self.image_size} and "
+                            f"{self.load_size}")
         if self.load_size == 0:
             self.load_size = round(self.image_size * 286 / 256)
         try:
-            self.model_config()
+            check_size(self.model_config())
         except ValueError as e:
             raise UserError(str(e)) from None
 
@@ -183,11 +193,81 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values):
         """A saved configuration; one saved before a setting existed gets its old behaviour."""
+        if not isinstance(values, dict):
+            raise UserError(f"the configuration is a {type(values).__name__}, not a dict")
         known = {f.name for f in fields(cls)}
         values = {**LEGACY_DEFAULTS, **values}
         if isinstance(values.get("channels_last"), bool):  # saved when it was an on/off flag
             values["channels_last"] = "on" if values["channels_last"] else "auto"
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# Bounds checked before any network is built (a saved configuration is data, not trusted): a
+# width of a million would otherwise allocate terabytes before any other check.
+MAX_IMAGE_SIZE = 4096
+MAX_PARAMETERS = 10**9
+
+
+def parameter_bound(model):
+    """An upper bound of the parameters of the generator and the discriminator of `model`
+    (ModelConfig), from its widths alone: each convolution counted at 4x4 (the resize
+    upsampling's 3x3 on the same channels is smaller), one-hot inputs as 64 channels."""
+    inputs = model.in_channels + 64
+    widths = [model.generator_channels * min(2 ** k, 8) for k in range(model.depth)]
+    total = 0
+    for k, width in enumerate(widths):
+        below = widths[k - 1] if k else max(inputs, model.out_channels)
+        total += 16 * below * width + 16 * 2 * width * below + 8 * width  # down, up, norms
+    width = model.discriminator_channels
+    per_scale = 16 * (inputs + model.out_channels) * width
+    for k in range(1, model.discriminator_layers + 2):
+        previous, width = width, model.discriminator_channels * min(2 ** k, 8)
+        per_scale += 16 * previous * width + 8 * width
+    return total + model.discriminator_scales * (per_scale + 16 * width)
+
+
+def check_size(model):
+    """ModelConfig -> itself, or a ValueError if its networks could be too big to build."""
+    bound = parameter_bound(model)
+    if bound > MAX_PARAMETERS:
+        raise ValueError(f"generator_channels {model.generator_channels}, discriminator_channels "
+                         f"{model.discriminator_channels} at image_size {model.image_size}: up "
+                         f"to {bound:,} parameters, more than the {MAX_PARAMETERS:,} accepted")
+    return model
+
+
+def check_model_values(values):
+    """A saved model configuration (a dict) -> ModelConfig, checked as the command line's
+    values are (types, ranges, size) before anything is built; a UserError names the field."""
+    if not isinstance(values, dict):
+        raise UserError(f"'model' is a {type(values).__name__}, not a dict")
+    minimum = {"discriminator_layers": 0}
+    for f in fields(ModelConfig):
+        if f.name not in values:
+            continue
+        value, kind = values[f.name], type(f.default)
+        if kind is int:
+            _check_number(f.name, value, minimum=minimum.get(f.name, 1))
+            if value > 2**20:
+                raise UserError(f"--{f.name} is {value}, far beyond any network this builds")
+        elif type(value) is not kind:
+            raise UserError(f"--{f.name} must be {kind.__name__}, got {value!r}")
+    if values.get("image_size", 256) > MAX_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at most {MAX_IMAGE_SIZE}, got "
+                        f"{values['image_size']}")
+    try:
+        return check_size(ModelConfig.from_dict(values))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def saved(path, check, *args):
+    """check(*args) on a checkpoint's saved configuration; its UserError names the file."""
+    try:
+        return check(*args)
+    except UserError as e:
+        raise UserError(f"{path}: the checkpoint's saved configuration is invalid: "
+                        f"{str(e).removeprefix('--')}") from None
 
 
 def _check_number(name, value, minimum, integer=True):
@@ -225,9 +305,10 @@ def apply_preset(given):
     return {**PRESETS[name], **given}
 
 
-def run_paths(name):
-    """Where the files of the run named `name` go (train.py --name)."""
-    folder = f"{RUNS_DIR}/{name}"
+def run_paths(name, folder=None):
+    """Where the files of the run named `name` go (train.py --name), or of the run kept in
+    `folder` (a resume given a run folder continues in that folder)."""
+    folder = folder or f"{RUNS_DIR}/{name}"
     return {"checkpoint_dir": f"{folder}/checkpoints", "sample_dir": f"{folder}/samples",
             "log_file": f"{folder}/training_log.json"}
 
@@ -242,6 +323,7 @@ def apply_name(given):
                         f"{' and '.join(clash)}, or --name")
     return {**given, **run_paths(given["name"])}
 
+OUTPUT_FIELDS = ("checkpoint_dir", "log_file", "sample_dir")
 
 # Settings that may change when resuming; the rest would change the run itself.
 RESUMABLE_OVERRIDES = {
@@ -310,4 +392,7 @@ def merge_for_resume(saved, given):
     if changed:
         raise UserError(f"--resume: cannot change {', '.join('--' + k for k in changed)} of a "
                         "run in progress; start a new run instead")
-    return TrainConfig.from_dict({**saved, **given})
+    # The outputs go where this command line says (its defaults included), never to the
+    # folders saved in the file: those may be another person's, on another machine.
+    outputs = {name: TrainConfig.__dataclass_fields__[name].default for name in OUTPUT_FIELDS}
+    return TrainConfig.from_dict({**saved, **outputs, **given})

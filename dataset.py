@@ -49,6 +49,13 @@ class PairFiles:
 
 # --- Reading images -------------------------------------------------------------------------
 
+def decode(image):
+    """An opened PIL image, decoded and turned as its EXIF orientation says (as viewers show
+    it): the one decoding step of inference, training and the page."""
+    image.load()
+    return ImageOps.exif_transpose(image)
+
+
 def read_rgb(path, role="image", label_format="auto"):
     """Decode an image file to a (H, W, 3) uint8 array; `role` names it in error messages.
 
@@ -59,8 +66,7 @@ def read_rgb(path, role="image", label_format="auto"):
     path = Path(path)
     try:
         with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
+            image = decode(image)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except UnidentifiedImageError:
@@ -113,7 +119,9 @@ def list_images(folder):
 
 
 def _natural_key(path):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+    # ASCII digits only: "²" is a digit to str.isdigit and to \d, not to int().
+    return [int(t) if t.isascii() and t.isdigit() else t
+            for t in re.split(r"([0-9]+)", path.name)]
 
 
 def detect_layout(images):

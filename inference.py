@@ -11,9 +11,12 @@ every script that loads a generator does it through load_generator here.
 import argparse
 import collections
 import contextlib
+import errno
 import importlib
 import json
+import os
 import sys
+import tempfile
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,12 +28,14 @@ from PIL import Image
 from tqdm import tqdm
 
 import runtime as rt
+from config import check_model_values
+from config import saved as saved_config
 from dataset import IMAGE_SUFFIXES, LABEL_SIDES, PAIR_NAME, read_rgb
 from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
 from models import ModelConfig, build_generator
-from utils import (EXPORT_FORMAT, UserError, atomic_write, choose_device, load_checkpoint,
-                   load_state, make_folder, one_line, run_cli, run_file, to_uint8,
-                   to_unit_range)
+from utils import (EXPORT_FORMAT, UserError, WriteError, atomic_write, choose_device,
+                   load_checkpoint, load_state, make_folder, one_line, run_cli, run_file,
+                   to_uint8, to_unit_range)
 
 INPUT_LAYOUTS = ("auto", "labels", "side_by_side", "paired")
 
@@ -60,10 +65,10 @@ def load_generator(path, device="cpu"):
     else:
         checkpoint = load_checkpoint(path)
         state_dict, config = checkpoint.get("generator"), checkpoint.get("config")
-    try:
-        model_config = ModelConfig.from_dict(config["model"])
-    except (TypeError, KeyError, ValueError) as e:
-        raise UserError(f"{path}: the checkpoint's configuration is unreadable ({e})") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise UserError(f"{path}: the checkpoint's configuration is missing or unreadable")
+    # Data, not trusted: checked as the command line's values are, before anything is built.
+    model_config = saved_config(path, check_model_values, config["model"])
     if not isinstance(state_dict, dict):
         raise UserError(f"{path}: the checkpoint holds no generator weights")
     generator = build_generator(model_config)
@@ -277,12 +282,52 @@ def input_half(array, label_side, input_is_label, path=""):
     return label if input_is_label else photo
 
 
-def output_paths(files, output_dir):
-    """One PNG per input, named after it (`1.jpg` -> `1.png`); clashing stems keep the
-    suffix (`a.jpg.png`)."""
-    stems = [p.stem for p in files]
-    return [Path(output_dir) / (f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.name}.png")
-            for p in files]
+def output_paths(files, output_dir, case_sensitive=None):
+    """One PNG per input, named after it (`1.jpg` -> `1.png`); inputs whose names would collide
+    (`x.jpg`, `x.png`, `x.jpg.png`) keep their whole name (`x.jpg.png`, `x.png.png`,
+    `x.jpg.png.png`). Names that differ only in case count as colliding where the output
+    folder ignores case (`case_sensitive=None`: tested on the folder); what still collides
+    is refused before the first image, naming both inputs."""
+    output_dir = Path(output_dir)
+    if case_sensitive is None:
+        case_sensitive = folder_is_case_sensitive(output_dir)
+    key = (lambda name: name) if case_sensitive else str.casefold
+    names = [f"{p.stem}.png" for p in files]
+    while True:  # a name that takes the whole input name can clash anew: until none does
+        seen = collections.Counter(n.casefold() for n in names)
+        clashing = [i for i, n in enumerate(names) if seen[n.casefold()] > 1
+                    and n != f"{files[i].name}.png"]
+        if not clashing:
+            break
+        for i in clashing:
+            names[i] = f"{files[i].name}.png"
+    owners = {}
+    for path, name in zip(files, names):
+        if key(name) in owners:
+            raise UserError(f"{owners[key(name)]} and {path}: both would be written to "
+                            f"{output_dir / name} (names that differ only in case); rename one")
+        owners[key(name)] = path
+    return [output_dir / name for name in names]
+
+
+def folder_is_case_sensitive(folder):
+    """Whether names differing only in case are different files in `folder` (a probe file)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pix2pix-Case-", dir=folder)
+    except OSError:  # not there or not writable: the writes themselves will say so
+        return True
+    os.close(fd)
+    try:
+        return not Path(probe).with_name(Path(probe).name.swapcase()).exists()
+    finally:
+        os.unlink(probe)
+
+
+def refuse_input_folder(input_dir, output_dir):
+    """Outputs named after their inputs would replace them (`x.png` -> `x.png`)."""
+    if Path(output_dir).exists() and Path(output_dir).resolve() == Path(input_dir).resolve():
+        raise UserError(f"{output_dir}: is the input folder; the photos would replace the label "
+                        "maps they are made from; pass another --output_dir")
 
 
 # --- Speed: a faster generator, and file work overlapped with it ------------------------------
@@ -390,7 +435,9 @@ def main(argv=None):
     channels_last = in_pytorch and rt.resolve_channels_last(args.channels_last, precision)
     print(f"device {device}, precision {precision} ({why})"
           f"{', channels_last' if channels_last else ''}")
+    refuse_input_folder(args.input_dir, output_dir)
     make_folder(output_dir, "output_dir")  # fail before translating, not at the first write
+    targets = output_paths(files, output_dir)  # collisions refused before the first image
     generator = optimize_generator(generator, channels_last, args.compile,
                                    freeze=not args.paper_test_mode)
     translator = Translator(generator, config, device, args.native, args.paper_test_mode,
@@ -410,8 +457,7 @@ def main(argv=None):
         role = "label map" if translator.input_is_label else "image"
         return read_rgb(path, role, args.label_format)
 
-    failures = 0
-    targets = output_paths(files, output_dir)
+    failures = unwritten = 0
     window = 2 * args.batch_size  # images decoded ahead, and PNGs waiting to be written
     # Decoding and writing run in threads while the generator runs (--io_threads).
     threads = ThreadPoolExecutor(args.io_threads) if args.io_threads else contextlib.nullcontext()
@@ -425,22 +471,36 @@ def main(argv=None):
                     batch.append(loading.result())
                 except UserError as e:
                     # On a line of its own, not the progress bar's.
-                    tqdm.write(f"error: {e}", file=sys.stderr)
+                    tqdm.write(f"error: {one_line(e)}", file=sys.stderr)
                     failures += 1
                     continue
                 names.append(target)
             for array, target in zip(translator.translate(batch) if batch else [], names):
                 writes.append(run_in(pool, write_png, target, array, args.png_compression))
             while len(writes) > window:
-                writes.popleft().result()  # a failed write stops the run here
+                unwritten += not wrote(writes.popleft())
             bar.update(min(args.batch_size, len(files) - start))
-        for writing in writes:
-            writing.result()
-    written = len(files) - failures
+        while writes:
+            unwritten += not wrote(writes.popleft())
+    written = len(files) - failures - unwritten
     print(f"wrote {written} image(s) to {output_dir}" +
-          (f"; {failures} could not be read" if failures else ""))
-    if failures:
+          (f"; {failures} could not be read" if failures else "") +
+          (f"; {unwritten} could not be written" if unwritten else ""))
+    if failures or unwritten:
         sys.exit(1)
+
+
+def wrote(writing):
+    """Whether a PNG write succeeded; a failed one is reported on a line of its own and the
+    others go on, except on a full disk, which stops the run (no other write would succeed)."""
+    try:
+        writing.result()
+    except WriteError as e:
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        tqdm.write(f"error: {one_line(e)}", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -359,8 +359,18 @@ def build_train_loader(config, runtime):
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
                         num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=runtime.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(config.seed))
+                        generator=torch.Generator().manual_seed(config.seed),
+                        worker_init_fn=ignore_stop_signals if workers else None)
     return loader, sampler
+
+
+def ignore_stop_signals(worker_id):
+    """In a loader worker: Ctrl-C and SIGTERM are the main process's to handle (it finishes the
+    step, saves and stops the workers). A forked worker inherits the main process's handler;
+    one started by spawn or forkserver (macOS; Linux from Python 3.14) would die of the signal,
+    and the main process would fail with "worker exited unexpectedly" instead of saving."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def build_val_dataset(config, runtime, train_dataset):

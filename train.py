@@ -10,6 +10,7 @@ loop (`train`), whose one step counter drives one maintenance block (log, valida
 checkpoints, stop).
 """
 
+import contextlib
 import signal
 import sys
 import time
@@ -22,12 +23,14 @@ from tqdm import tqdm
 
 import metrics
 import runtime as rt
-from config import TrainConfig, apply_name, apply_preset, build_parser, merge_for_resume
+from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_for_resume,
+                    run_paths)
 from models import build_discriminator, build_generator, per_scale, split_passes
 from training_state import (LOSS_NAMES, CheckpointWriter, GeneratorEMA, LossMeter, Progress,
-                            RunLog, claim_outputs, describe_epoch, load_resume_state,
-                            restore_training_state, save_checkpoints, save_sample_grid)
-from utils import UserError, make_folder, psnr, run_cli, run_file
+                            RunLock, RunLog, claim_outputs, describe_epoch, load_resume_state,
+                            outputs_in_data, restore_training_state, resume_command,
+                            save_checkpoints, save_sample_grid)
+from utils import UserError, make_folder, one_line, psnr, run_cli, run_file
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
 
@@ -224,11 +227,47 @@ def epochs_of_batches(loader, sampler, optimizers, progress, config):
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
         sampler.set_epoch(epoch, skip_samples=progress.samples_done)
-        for done, batch in enumerate(loader, 1):
+        for done, batch in enumerate(readable_batches(loader), 1):
             yield epoch, batch, done == len(loader)
 
 
+class UnreadableData(UserError):
+    """A training file could not be read mid-run (the data did not fit the cache)."""
+
+
+def readable_batches(loader):
+    """The loader's batches; a file it cannot read becomes UnreadableData, so that the loop
+    saves what it has trained before it stops."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise UnreadableData(one_line(e)) from None
+        yield batch
+
+
 # --- The training loop ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def saved_on_bad_data(config, runtime, progress, save, meter):
+    """A file the loader cannot read mid-run stops the run naming it, after saving the steps
+    trained since the last checkpoint (one process: under torchrun the others would wait)."""
+    saved_step = progress.step
+    try:
+        yield
+    except UnreadableData as e:
+        if runtime.ddp or progress.step == saved_step or not runtime.is_main:
+            raise UserError(str(e)) from None
+        *_, any_bad = rt.sum_over_ranks(meter.totals(), runtime)
+        meter.raise_if_bad(any_bad > 0)  # nothing non-finite is saved
+        save()
+        raise UserError(f"{e}; stopped after saving step {progress.step}: fix or remove the "
+                        f"file, then resume with {resume_command(config)}") from None
+
+
 
 def train(config: TrainConfig, resume_from=None, overwrite=False):
     """Train with `config`; returns a summary (last step and epoch, final validation numbers).
@@ -236,22 +275,27 @@ def train(config: TrainConfig, resume_from=None, overwrite=False):
     `resume_from` is (checkpoint dict, its path) of a latest.pth to continue; `overwrite`
     lets a new run replace the files of an earlier one in the same folders.
     """
+    outputs_in_data(config)  # before any output folder is made there
     runtime = rt.setup(config)
     try:
-        return _train(config, runtime, resume_from, overwrite)
+        # One run at a time in a checkpoint folder, held by the main process until it ends.
+        if runtime.is_main:
+            make_folder(config.checkpoint_dir, "checkpoint_dir")
+        with RunLock(config.checkpoint_dir) if runtime.is_main else contextlib.nullcontext():
+            return _train(config, runtime, resume_from, overwrite)
     finally:
         rt.teardown(runtime)
 
 
 def _train(config, runtime, resume_from, overwrite):
+    if Path(config.log_file).is_dir():
+        raise UserError(f"{config.log_file}: is a folder (--log_file)")
+    claim_outputs(config, overwrite, resume_from and resume_from[1], runtime.is_main)
     for folder, flag in ((config.checkpoint_dir, "checkpoint_dir"),
                          (config.sample_dir, "sample_dir"), (Path(config.log_file).parent,
                                                              "log_file")):
         if runtime.is_main:  # fail now, not after the first hour of training
             make_folder(folder, flag)
-    if Path(config.log_file).is_dir():
-        raise UserError(f"{config.log_file}: is a folder (--log_file)")
-    claim_outputs(config, overwrite, resume_from and resume_from[1], runtime.is_main)
 
     # Networks and optimisers: identical initial weights on every process.
     torch.manual_seed(config.seed)
@@ -297,7 +341,9 @@ def _train(config, runtime, resume_from, overwrite):
     # the writer finishes the last checkpoint before train() returns or raises.
     with stop.installed(), CheckpointWriter() as writer, tqdm(
             initial=progress.step, total=rt.total_steps(config, loader, runtime), unit="step",
-            disable=not runtime.is_main, dynamic_ncols=True, leave=False) as bar:
+            disable=not runtime.is_main, dynamic_ncols=True, leave=False) as bar, \
+            saved_on_bad_data(config, runtime, progress, lambda: save_checkpoints(
+                writer, config, nets, ema, optimizers, scaler, meter, progress, False), meter):
         for epoch, batch, epoch_end in epochs_of_batches(loader, sampler, optimizers, progress,
                                                          config):
             source = runtime.to_device(batch["source"])  # (B, 3, H, W) in [-1, 1]
@@ -357,8 +403,8 @@ def _train(config, runtime, resume_from, overwrite):
 
     if stop.stopped and runtime.is_main:
         launcher = "torchrun ... train.py" if runtime.ddp else "python train.py"
-        print(f"interrupted at step {progress.step}; resume with: {launcher} --resume "
-              f"{runtime.checkpoint_dir / 'latest.pth'}", file=sys.stderr)
+        print(f"interrupted at step {progress.step}; resume with: "
+              f"{resume_command(config, launcher)}", file=sys.stderr)
     return {"step": progress.step, "epoch": progress.epoch, "interrupted": stop.stopped,
             **last_val}
 
@@ -377,7 +423,11 @@ def parse(argv=None):
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")  # a latest.pth, or a run folder (runs/NAME) holding one
     flags = (resume and run_file(resume, "latest.pth"), args.pop("overwrite"), args.pop("demo"))
-    return (*flags, apply_name(apply_preset(args) if "preset" in args else args))
+    given = apply_name(apply_preset(args) if "preset" in args else args)
+    if resume and Path(resume).is_dir() and (Path(resume) / "checkpoints").is_dir() and \
+            "name" not in given:  # a run folder on the command line: the run goes on there
+        given = {**run_paths("", folder=resume.rstrip("/\\")), **given}
+    return (*flags, given)
 
 
 def main(argv=None):

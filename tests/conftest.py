@@ -305,3 +305,9 @@ def logged_steps(log_file):
 
 def temp_files(folder):
     return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp"))
+
+
+def output_flags(config):
+    """The output flags of a run: a resume writes where its command line says."""
+    return [f"--{name}={getattr(config, name)}" for name in ("checkpoint_dir", "log_file",
+                                                             "sample_dir")]

@@ -14,7 +14,7 @@ import runtime as rt
 import train
 from utils import load_checkpoint
 
-from conftest import tiny_config
+from conftest import output_flags, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -62,9 +62,11 @@ def test_a_run_moves_between_the_cpu_and_a_gpu(tmp_path, demo_set):
     config = tiny_config(tmp_path, demo_set, epochs=3, max_steps=4, device="cpu")
     train.train(config)
     latest = Path(config.checkpoint_dir) / "latest.pth"
-    assert train.main(["--resume", str(latest), "--device", "cuda", "--max_steps", "8"])[
+    assert train.main(["--resume", str(latest), "--device", "cuda", "--max_steps", "8",
+                       *output_flags(config)])[
         "step"] == 8
-    assert train.main(["--resume", str(latest), "--device", "cpu", "--max_steps", "0"])[
+    assert train.main(["--resume", str(latest), "--device", "cpu", "--max_steps", "0",
+                       *output_flags(config)])[
         "step"] == 12
     generator, _ = inference.load_generator(Path(config.checkpoint_dir) / "generator.pth",
                                             "cuda")

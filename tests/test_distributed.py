@@ -245,7 +245,9 @@ def test_checkpoints_move_between_one_and_two_processes(tmp_path, demo_set):
     two = tmp_path / "two"
     two.mkdir()
     shutil.copy(first.log_file, two / "log.json")
-    launch = torchrun(two, ["--resume", str(single_latest), "--epochs", "3",
+    (two / "checkpoints").mkdir()  # the run moves here: a resume writes where its flags say
+    shutil.copy(single_latest, two / "checkpoints" / "latest.pth")
+    launch = torchrun(two, ["--resume", str(two / "checkpoints" / "latest.pth"), "--epochs", "3",
                             *as_flags(outputs(two))])
     assert_succeeded(launch)
     ranks = launch.ranks

@@ -11,7 +11,7 @@ from torch import nn
 import train
 from cityscapes import PALETTE
 from config import PRESETS, TrainConfig, apply_preset
-from conftest import tiny_config
+from conftest import output_flags, tiny_config
 from inference import load_generator
 from models import (ModelConfig, ResizeConv2d, build_discriminator, build_generator,
                     count_parameters)
@@ -122,7 +122,8 @@ def test_generator_pth_holds_the_averaged_weights_and_a_resume_continues_both(tm
     assert saved["model"]["upsample"] == "resize"
     with torch.no_grad():
         assert generator(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
-    summary = train.main(["--resume", str(folder / "latest.pth"), "--max_steps", "5"])
+    summary = train.main(["--resume", str(folder / "latest.pth"), "--max_steps", "5",
+                          *output_flags(config)])
     assert summary["step"] == 5
 
 

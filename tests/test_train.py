@@ -18,7 +18,7 @@ from inference import load_generator
 from models import build_generator
 from utils import UserError, load_checkpoint
 
-from conftest import tiny_config
+from conftest import output_flags, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 def run_script(script, *args, cwd=ROOT):
@@ -124,7 +124,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, demo_set, image_si
     assert train.train(part)["step"] == 5
     latest = Path(part.checkpoint_dir) / "latest.pth"
     assert load_checkpoint(latest)["samples_done"] == 2
-    summary = train.main(["--resume", str(latest), "--max_steps", "0"])
+    summary = train.main(["--resume", str(latest), "--max_steps", "0", *output_flags(part)])
     assert summary["step"] == 8
 
     a = load_checkpoint(Path(whole.checkpoint_dir) / "latest.pth")

@@ -21,7 +21,7 @@ from config import TrainConfig, build_parser
 from training_state import CheckpointWriter, LossMeter, Progress, restore_training_state
 from utils import UserError, load_checkpoint
 
-from conftest import cli_flags, run_in_process, tiny_config, write_checkpoint
+from conftest import cli_flags, output_flags, run_in_process, tiny_config, write_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +53,8 @@ def test_a_second_identical_command_leaves_the_first_run_untouched(tmp_path, dem
 
     # --resume continues it (one more epoch) ...
     latest = Path(config.checkpoint_dir) / "latest.pth"
-    assert run_in_process(train.main, ["--resume", latest, "--epochs", "2"], capsys)[0] == 0
+    assert run_in_process(train.main, ["--resume", latest, "--epochs", "2", *output_flags(config)],
+                          capsys)[0] == 0
     assert load_checkpoint(latest)["step"] == 8
 
     # ... and --overwrite replaces it, stale grids of the old run included.
@@ -72,7 +73,7 @@ def test_a_resume_into_another_runs_folder_is_refused(tmp_path, demo_set):
     train.train(two)
     latest_one = Path(one.checkpoint_dir) / "latest.pth"
     with pytest.raises(UserError, match="another run's files"):
-        train.main(["--resume", str(latest_one), "--checkpoint_dir", two.checkpoint_dir])
+        train.main(["--resume", str(latest_one), *output_flags(two)])
 
 
 # --- The losses stay on the device between maintenance points --------------------------------
@@ -188,7 +189,8 @@ def test_no_fused_adam_on_resume_takes_effect(tmp_path, demo_set, monkeypatch):
     kernels, real = [], train.apply_adam_kernel
     monkeypatch.setattr(train, "apply_adam_kernel", lambda optimizer, *args: (
         real(optimizer, *args), kernels.append(optimizer.param_groups[0]["fused"])))
-    summary = train.main(["--resume", str(latest), "--no_fused_adam", "--max_steps", "4"])
+    summary = train.main(["--resume", str(latest), "--no_fused_adam", "--max_steps", "4",
+                          *output_flags(config)])
     assert summary["step"] == 4 and kernels == [None, None]
     assert not load_checkpoint(latest)["generator_optimizer"]["param_groups"][0]["fused"]
 
@@ -197,7 +199,8 @@ def test_epochs_and_decay_changed_on_resume_apply_from_the_next_epoch(tmp_path, 
     config = tiny_config(tmp_path, demo_set, epochs=2, lr=1e-3)
     train.train(config)  # 2 epochs of 4 steps at the full LR
     latest = Path(config.checkpoint_dir) / "latest.pth"
-    train.main(["--resume", str(latest), "--epochs", "4", "--decay_epochs", "3"])
+    train.main(["--resume", str(latest), "--epochs", "4", "--decay_epochs", "3",
+                *output_flags(config)])
     lrs = {e["epoch"]: e["lr"] for e in json.loads(Path(config.log_file).read_text())["steps"]}
     # Of 4 epochs the last 3 decay (factors 3/4, 2/4, 1/4): the resumed epochs 2 and 3 take
     # theirs at once (a scheduler stepped at epoch ends would still give epoch 2 the full LR).
@@ -327,3 +330,106 @@ def test_training_and_inference_print_their_precision(tmp_path, demo_set, tiny_c
     inference.main(["--input_dir", str(tmp_path / "in"), "--output_dir",
                     str(tmp_path / "out"), "--model_path", str(tiny_checkpoint())])
     assert f"device cpu, precision {expected} (auto: " in capsys.readouterr().out
+
+
+# --- --overwrite removes only a run's own files; one run at a time per folder -------------
+
+def test_overwrite_never_removes_a_file_it_cannot_tell_is_a_runs(tmp_path, demo_set, capsys):
+    config = tiny_config(tmp_path, demo_set, epochs=1, max_steps=1)
+    flags = cli_flags(config)
+    notes = Path(config.log_file)
+    notes.write_text("my notes: do not lose")
+    foreign = Path(config.checkpoint_dir) / "latest.pth"
+    foreign.parent.mkdir()
+    torch.save({"weights": torch.zeros(2)}, foreign)  # a file of another project
+    status, _, err = run_in_process(train.main, [*flags, "--overwrite"], capsys)
+    assert status == 2 and "Traceback" not in err and "--overwrite removes only" in err, err
+    assert str(notes) in err and str(foreign) in err
+    assert notes.read_text() == "my notes: do not lose" and foreign.exists()
+    for path in (notes, foreign):
+        path.rename(path.with_name("moved_" + path.name))
+    # Its own files it removes, and says which.
+    status, out, _ = run_in_process(train.main, flags, capsys)
+    assert status == 0
+    status, out, _ = run_in_process(train.main, [*flags, "--overwrite"], capsys)
+    assert status == 0 and "--overwrite: removed" in out and str(notes) in out
+    assert "latest.pth" in out and "generator.pth" in out
+
+
+def hold_lock(folder):
+    """A process holding the run lock of `folder`, as a running train.py would."""
+    import subprocess
+    import sys
+    code = ("import sys, time; from training_state import RunLock; "
+            f"lock = RunLock({str(folder)!r}); lock.acquire(); print('held', flush=True); "
+            "time.sleep(60)")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=Path(train.__file__).parent,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_run_in_the_same_folder_is_refused_naming_the_process(tmp_path, demo_set,
+                                                                      capsys):
+    config = tiny_config(tmp_path, demo_set, epochs=1, max_steps=1)
+    Path(config.checkpoint_dir).mkdir()
+    holder = hold_lock(config.checkpoint_dir)
+    try:
+        for extra in ([], ["--overwrite"]):
+            status, _, err = run_in_process(train.main, [*cli_flags(config), *extra], capsys)
+            assert status == 2 and "Traceback" not in err, err
+            assert f"process {holder.pid}" in err and "a run is going on" in err, err
+        assert not Path(config.log_file).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # kill -9 leaves the lock file with a dead process id: stale, taken over.
+    lock = Path(config.checkpoint_dir) / training_state.RunLock.NAME
+    assert lock.read_text().strip() == str(holder.pid)
+    status, out, err = run_in_process(train.main, cli_flags(config), capsys)
+    assert status == 0, err
+    assert f"process {holder.pid}" in out and not lock.exists()  # released at the end
+
+
+def test_the_lock_is_released_when_a_run_fails(tmp_path, demo_set):
+    config = tiny_config(tmp_path, tmp_path / "missing", epochs=1)
+    with pytest.raises(UserError, match="data folder not found"):
+        train.train(config)
+    assert not (Path(config.checkpoint_dir) / training_state.RunLock.NAME).exists()
+    with training_state.RunLock(config.checkpoint_dir):  # free to take
+        with pytest.raises(UserError, match=f"process {__import__('os').getpid()}"):
+            training_state.RunLock(config.checkpoint_dir).acquire()
+
+
+def test_a_resume_writes_where_its_command_line_says(tmp_path, demo_set, capsys, monkeypatch):
+    config = tiny_config(tmp_path / "theirs", demo_set, epochs=2, max_steps=2)
+    train.train(config)
+    downloaded = tmp_path / "downloaded" / "latest.pth"
+    downloaded.parent.mkdir()
+    downloaded.write_bytes((Path(config.checkpoint_dir) / "latest.pth").read_bytes())
+    theirs = run_files(config)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    monkeypatch.chdir(mine)
+    status, _, err = run_in_process(train.main, ["--resume", downloaded, "--max_steps", "3"],
+                                    capsys)
+    assert status == 0, err
+    assert run_files(config) == theirs  # the folders saved in the file are left alone
+    assert load_checkpoint(mine / "checkpoints" / "latest.pth")["step"] == 3
+    assert (mine / "training_log.json").exists()
+    # ... and the full "no run replaces another" check applies to those folders.
+    status, _, err = run_in_process(train.main, ["--resume", downloaded, "--max_steps", "4"],
+                                    capsys)
+    assert status == 2 and "another run's files are there" in err, err
+
+
+@pytest.mark.parametrize("flag", ["sample_dir", "checkpoint_dir", "log_file"])
+def test_output_folders_inside_the_data_folder_are_refused(tmp_path, demo_set, capsys, flag):
+    inside = {"sample_dir": demo_set / "train", "checkpoint_dir": demo_set / "checkpoints",
+              "log_file": demo_set / "val" / "log.json"}[flag]
+    config = tiny_config(tmp_path, demo_set, epochs=1, max_steps=1)
+    before = sorted(demo_set.rglob("*"))
+    status, _, err = run_in_process(train.main, [*cli_flags(config), f"--{flag}", inside],
+                                    capsys)
+    assert status == 2 and "Traceback" not in err and f"--{flag}" in err, err
+    assert "inside --data_dir" in err and sorted(demo_set.rglob("*")) == before
