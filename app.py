@@ -545,7 +545,8 @@ def load_service(model_path, device, precision="auto", channels_last="auto", com
     in_pytorch = runs_in_pytorch(generator, model_path, compile=compile)
     if not in_pytorch:
         precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
-    channels_last = in_pytorch and runtime.resolve_channels_last(channels_last, precision)
+    channels_last = in_pytorch and runtime.resolve_channels_last(channels_last, device,
+                                                                 precision)
     print(f"device {device}, precision {precision} ({why})"
           f"{', channels_last' if channels_last else ''}", flush=True)
     if config.get("direction", "label2photo") != "label2photo":

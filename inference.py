@@ -432,7 +432,8 @@ def main(argv=None):
     in_pytorch = runs_in_pytorch(generator, args.model_path, args.paper_test_mode, args.compile)
     if not in_pytorch:
         precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
-    channels_last = in_pytorch and rt.resolve_channels_last(args.channels_last, precision)
+    channels_last = in_pytorch and rt.resolve_channels_last(args.channels_last, device,
+                                                            precision)
     print(f"device {device}, precision {precision} ({why})"
           f"{', channels_last' if channels_last else ''}")
     refuse_input_folder(args.input_dir, output_dir)

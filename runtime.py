@@ -80,20 +80,23 @@ def autocast(device, precision):
 # --- Memory format --------------------------------------------------------------------------
 
 CHANNELS_LAST_CHOICES = ("auto", "on", "off")
-CHANNELS_LAST_PRECISIONS = ("bf16", "fp16")  # where `auto` turns it on
+CHANNELS_LAST_PRECISIONS = ("bf16", "fp16")  # where `auto` turns it on, on CUDA
 
 
-def resolve_channels_last(setting, precision):
-    """Whether to run channels-last: `on`/`off` as asked (a bool, from old checkpoints and
-    callers, counts as on/off); `auto` where the decided precision is bf16 or fp16. Measured on
-    a CPU with AMX (README, performance): faster in bf16, not in fp32; on GPUs it is what the
-    reduced-precision tensor-core kernels want."""
+def resolve_channels_last(setting, device, precision):
+    """Whether to run channels-last: `on`/`off` as asked (a bool, from callers, counts as
+    on/off); `auto`: on CUDA where the decided precision is bf16 or fp16 (the layout cuDNN's
+    tensor-core kernels take without reordering), off on the CPU, where it was measured no
+    faster in training and slower in inference for the default generator (docs/performance.md;
+    its transposed convolutions have no faster channels-last kernel in oneDNN)."""
     if isinstance(setting, bool):
         return setting
     if setting not in CHANNELS_LAST_CHOICES:
         raise UserError(f"--channels_last {setting!r}: choose one of "
                         f"{', '.join(CHANNELS_LAST_CHOICES)}")
-    return setting == "on" or (setting == "auto" and precision in CHANNELS_LAST_PRECISIONS)
+    if setting != "auto":
+        return setting == "on"
+    return torch.device(device).type == "cuda" and precision in CHANNELS_LAST_PRECISIONS
 
 
 def add_channels_last_flag(parser):
@@ -163,7 +166,7 @@ def setup(config):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     set_math_mode(device, precision)
-    channels_last = resolve_channels_last(config.channels_last, precision)
+    channels_last = resolve_channels_last(config.channels_last, device, precision)
     runtime = Runtime(device=device, precision=precision, channels_last=channels_last,
                       batch_size=config.batch_size, checkpoint_dir=Path(config.checkpoint_dir),
                       rank=rank, world_size=world_size, local_rank=local_rank)

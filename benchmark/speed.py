@@ -157,7 +157,7 @@ def forward_options(name, device):
     precision = next((p for p in ("bf16", "fp16") if p in options), precision)
     channels_last = "on" if "cl" in options else "off" if "nocl" in options else \
         "auto" if "default" in options else "off"
-    return precision, rt.resolve_channels_last(channels_last, precision)
+    return precision, rt.resolve_channels_last(channels_last, device, precision)
 
 
 def remove_tree(path):
