@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import app
 import inference
 import runtime as rt
 import train
@@ -307,6 +308,20 @@ def test_channels_last_auto_follows_the_precision(monkeypatch, tmp_path, demo_se
     assert inference.parse(["--input_dir", "x", "--output_dir", "y",
                             "--channels_last"]).channels_last == "on"
 
+
+
+@pytest.mark.parametrize("script", ["inference", "app"])
+def test_inference_and_app_take_the_same_speed_flags(script):
+    parse = {"inference": lambda argv: inference.parse(["--input_dir", "x", "--output_dir", "y",
+                                                        *argv]),
+             "app": app.parse}[script]
+    speed = lambda args: (args.device, args.precision, args.channels_last, args.compile)
+    assert speed(parse([])) == ("auto", "auto", "auto", False)
+    assert speed(parse(["--device", "cpu", "--precision", "bf16", "--channels_last",
+                        "--compile"])) == ("cpu", "bf16", "on", True)
+    assert parse(["--no_channels_last"]).channels_last == "off"
+    with pytest.raises(SystemExit):
+        parse(["--precision", "fp8"])
 
 def test_fp32_is_strict_on_cuda_in_training_and_inference_alike(monkeypatch):
     flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
