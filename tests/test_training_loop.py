@@ -22,7 +22,8 @@ from config import TrainConfig, build_parser
 from training_state import CheckpointWriter, LossMeter, Progress, restore_training_state
 from utils import UserError, load_checkpoint
 
-from conftest import cli_flags, output_flags, run_in_process, tiny_config, write_checkpoint
+from conftest import (TINY_MODEL, cli_flags, output_flags, run_in_process, tiny_config,
+                      write_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,7 +172,7 @@ def test_an_fp16_resume_of_a_run_that_was_not_fp16_starts_a_fresh_scale(tmp_path
     path = write_checkpoint(tmp_path / "latest.pth", latest=True)
     checkpoint = load_checkpoint(path)
     assert checkpoint["scaler"] == {}  # saved by a disabled scaler
-    config = TrainConfig(image_size=32, generator_channels=8, discriminator_channels=8)
+    config = TrainConfig(**TINY_MODEL)
     from models import build_discriminator, build_generator
     generator, discriminator = (build(config.model_config())
                                 for build in (build_generator, build_discriminator))
