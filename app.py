@@ -511,13 +511,7 @@ def parse(argv=None):
                         help="host names the page may be opened by besides localhost and "
                              "loopback addresses (with --host 0.0.0.0: this machine's names "
                              "on the network); others are refused (DNS rebinding)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
-                        help="as inference.py's: auto is bf16 autocast where the device "
-                             "computes bf16 natively, else fp32")
-    runtime.add_channels_last_flag(parser)
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the generator: a slower start, faster photos")
+    runtime.add_inference_speed_flags(parser)
     parser.add_argument("--verbose", action="store_true", help="log every request")
     parser.add_argument("--write_examples", action="store_true",
                         help=f"(re)write the example label maps in {EXAMPLES_DIR} and exit")
@@ -530,7 +524,7 @@ def parse(argv=None):
 def require_checkpoint(model_path):
     if not Path(model_path).exists():
         raise UserError(f"{model_path}: checkpoint not found; train one with "
-                        "`python train.py --demo` (a few minutes on a CPU) or pass --model_path")
+                        "`python train.py --demo` (about 20 min on 2 CPU cores) or pass --model_path")
 
 
 def load_service(model_path, device, precision="auto", channels_last="auto", compile=False):

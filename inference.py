@@ -385,7 +385,6 @@ def parse(argv=None):
                         help="generator.pth, latest.pth, an epoch snapshot, a run folder "
                              "(runs/NAME), or export.py's .safetensors or .onnx")
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--native", action="store_true",
                         help="translate at the input's own resolution (no scaling)")
     parser.add_argument("--paper_test_mode", action="store_true",
@@ -397,14 +396,7 @@ def parse(argv=None):
     parser.add_argument("--label_format", default="auto", choices=LABEL_FORMATS,
                         help="colour label maps, or single-channel Cityscapes label_ids / "
                              "train_ids maps (auto: told apart by their values)")
-    parser.add_argument("--precision", default="auto", choices=rt.PRECISIONS,
-                        help="auto: bf16 autocast where the device computes bf16 natively, "
-                             "else fp32; fp32 (strict: no TF32, as in training), tf32 (CUDA), "
-                             "bf16, fp16 (CUDA)")
-    rt.add_channels_last_flag(parser)
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the generator (start-up cost: pays off on large "
-                             "folders)")
+    rt.add_inference_speed_flags(parser)
     parser.add_argument("--io_threads", type=int, default=2,
                         help="threads decoding inputs and writing PNGs while the generator "
                              "runs; 0: one after another")

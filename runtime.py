@@ -109,6 +109,21 @@ def add_channels_last_flag(parser):
                         const="off", help=argparse.SUPPRESS)
 
 
+def add_inference_speed_flags(parser):
+    """The flags that decide how a loaded generator runs, the same for inference.py and app.py:
+    `--device`, `--precision`, `--channels_last` and `--compile`."""
+    parser.add_argument("--device", default="auto",
+                        help="auto: CUDA, then Apple MPS, then the CPU; or cpu, cuda:1, ...")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 autocast where the device computes bf16 natively, "
+                             "else fp32; fp32 (strict: no TF32, as in training), tf32 (CUDA), "
+                             "bf16, fp16 (CUDA)")
+    add_channels_last_flag(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the generator: a slower start, faster photos (pays "
+                             "off on large folders and long sessions)")
+
+
 # --- The runtime ----------------------------------------------------------------------------
 
 @dataclass

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import draw_label_map, run_in_process, save_image
+from conftest import TINY_MODEL, draw_label_map, run_in_process, save_image
 
 import export
 import inference
@@ -40,8 +40,7 @@ def randomise(generator, seed):
 
 
 def random_checkpoint(path, seed=0, image_size=32, **options):
-    config = TrainConfig(image_size=image_size, generator_channels=8, discriminator_channels=8,
-                         **options)
+    config = TrainConfig(**{**TINY_MODEL, "image_size": image_size, **options})
     generator = randomise(build_generator(config.model_config()), seed)
     save_checkpoint(make_checkpoint(config, generator, Progress(step=7)), path)
     return path

@@ -26,14 +26,13 @@ from cityscapes import COLORS
 from dataset import PairDataset, find_pairs, off_palette_pixels, read_rgb
 from utils import UserError
 
-from conftest import (FailingFile, draw_label_map, draw_photo, run_in_process, save_image,
-                      write_dataset)
+from conftest import (TINY_MODEL, FailingFile, as_flags, draw_label_map, draw_photo,
+                      run_in_process, save_image, write_dataset)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PALETTE = np.array(list(COLORS.values()), np.uint8)
-TINY_RUN = ["--image_size", "32", "--generator_channels", "8", "--discriminator_channels", "8",
-            "--epochs", "1", "--batch_size", "2", "--num_workers", "0"]
+TINY_RUN = [*as_flags(TINY_MODEL), "--epochs", "1", "--batch_size", "2", "--num_workers", "0"]
 
 
 def error_lines(stderr):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import app
 import inference
 import runtime as rt
 import train
@@ -21,7 +22,8 @@ from config import TrainConfig, build_parser
 from training_state import CheckpointWriter, LossMeter, Progress, restore_training_state
 from utils import UserError, load_checkpoint
 
-from conftest import cli_flags, output_flags, run_in_process, tiny_config, write_checkpoint
+from conftest import (TINY_MODEL, cli_flags, output_flags, run_in_process, tiny_config,
+                      write_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,7 +172,7 @@ def test_an_fp16_resume_of_a_run_that_was_not_fp16_starts_a_fresh_scale(tmp_path
     path = write_checkpoint(tmp_path / "latest.pth", latest=True)
     checkpoint = load_checkpoint(path)
     assert checkpoint["scaler"] == {}  # saved by a disabled scaler
-    config = TrainConfig(image_size=32, generator_channels=8, discriminator_channels=8)
+    config = TrainConfig(**TINY_MODEL)
     from models import build_discriminator, build_generator
     generator, discriminator = (build(config.model_config())
                                 for build in (build_generator, build_discriminator))
@@ -306,6 +308,20 @@ def test_channels_last_auto_follows_the_precision(monkeypatch, tmp_path, demo_se
     assert args.channels_last == "auto"
     assert inference.parse(["--input_dir", "x", "--output_dir", "y",
                             "--channels_last"]).channels_last == "on"
+
+
+@pytest.mark.parametrize("script", ["inference", "app"])
+def test_inference_and_app_take_the_same_speed_flags(script):
+    parse = {"inference": lambda argv: inference.parse(["--input_dir", "x", "--output_dir", "y",
+                                                        *argv]),
+             "app": app.parse}[script]
+    speed = lambda args: (args.device, args.precision, args.channels_last, args.compile)
+    assert speed(parse([])) == ("auto", "auto", "auto", False)
+    assert speed(parse(["--device", "cpu", "--precision", "bf16", "--channels_last",
+                        "--compile"])) == ("cpu", "bf16", "on", True)
+    assert parse(["--no_channels_last"]).channels_last == "off"
+    with pytest.raises(SystemExit):
+        parse(["--precision", "fp8"])
 
 
 def test_fp32_is_strict_on_cuda_in_training_and_inference_alike(monkeypatch):
