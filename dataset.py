@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from cityscapes import MAX_COLOR_DISTANCE, nearest_colors
 from labelmaps import LABEL_FORMATS, colorize_ids, detect_label_side, split_halves
@@ -218,6 +216,9 @@ class PairDataset(Dataset):
         self.label_format = label_format
         self.direction = direction
         self.seed = seed
+        # torchvision (its import pulls in torch's compiler, ~1 s) only where pairs are loaded:
+        # inference and the page, which read single images, start without it.
+        from torchvision.transforms import v2
         first_size = (load_size, load_size) if train and crop else (image_size, image_size)
         # The deterministic first stage; its result is what `cache` keeps in memory.
         self.resize = v2.Resize(first_size, interpolation=v2.InterpolationMode.BICUBIC,
@@ -239,6 +240,7 @@ class PairDataset(Dataset):
         return len(self.pairs)
 
     def _load_resized(self, index):
+        from torchvision import tv_tensors
         label, photo = load_pair(self.pairs[index], self.label_format)
         # A Mask is resized with nearest neighbour by torchvision, so label colours stay exact;
         # giving both images in one call applies one random draw to both.
