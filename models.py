@@ -92,7 +92,7 @@ class ResizeConv2d(nn.Module):
     multiply-adds per input pixel and channel pair (2.25x fewer), and no upsampled copy of the
     input. Below `min_folded_area` input pixels the plain computation runs instead: there the
     work is the weights' and the transposed convolution's kernels are slower (measured on CPU;
-    README, performance). `min_folded_area = None` always computes it the plain way.
+    docs/performance.md). `min_folded_area = None` always computes it the plain way.
     """
 
     min_folded_area = 16  # inputs of 4x4 and more; at 256x256 the U-Net's 1x1 and 2x2 stay plain
