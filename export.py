@@ -33,10 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpoints import EXPORT_FORMAT
 from demo.data import real_profile_pair
 from inference import ONNX_INPUT, ONNX_OUTPUT, Translator, load_generator, load_onnx
 from models import ModelConfig
-from utils import EXPORT_FORMAT, UserError, atomic_write, run_cli
+from utils import UserError, atomic_write, run_cli
 
 ONNX_OPSET = 18
 PT2_CONFIG = "pix2pix_config.json"  # the .pt2's extra file holding the run's configuration

@@ -28,14 +28,14 @@ from PIL import Image
 from tqdm import tqdm
 
 import runtime as rt
+from checkpoints import EXPORT_FORMAT, load_checkpoint, load_state, run_file
 from config import check_model_values
 from config import saved as saved_config
 from dataset import IMAGE_SUFFIXES, LABEL_SIDES, PAIR_NAME, read_rgb
 from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
 from models import ModelConfig, build_generator
-from utils import (EXPORT_FORMAT, UserError, WriteError, atomic_write, choose_device,
-                   load_checkpoint, load_state, make_folder, one_line, run_cli, run_file,
-                   to_uint8, to_unit_range)
+from utils import (UserError, WriteError, atomic_write, choose_device, make_folder, one_line,
+                   run_cli, to_uint8, to_unit_range)
 
 INPUT_LAYOUTS = ("auto", "labels", "side_by_side", "paired")
 

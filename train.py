@@ -23,14 +23,14 @@ from tqdm import tqdm
 
 import metrics
 import runtime as rt
+from checkpoints import (CheckpointWriter, Progress, load_resume_state, restore_training_state,
+                         run_file, save_checkpoints)
 from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_for_resume,
                     run_paths)
 from models import build_discriminator, build_generator, per_scale, split_passes
-from training_state import (LOSS_NAMES, CheckpointWriter, GeneratorEMA, LossMeter, Progress,
-                            RunLock, RunLog, claim_outputs, describe_epoch, load_resume_state,
-                            outputs_in_data, restore_training_state, resume_command,
-                            save_checkpoints, save_sample_grid)
-from utils import UserError, make_folder, one_line, psnr, run_cli, run_file
+from training_state import (LOSS_NAMES, GeneratorEMA, LossMeter, RunLock, RunLog, claim_outputs,
+                            describe_epoch, outputs_in_data, resume_command, save_sample_grid)
+from utils import UserError, make_folder, one_line, psnr, run_cli
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
 

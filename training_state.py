@@ -1,14 +1,6 @@
-"""What a training run leaves on disk: checkpoints (written in the background), the JSON loss
-log, sample grids; and the rule that a new run never replaces an old one.
-
-Checkpoint format (a plain dict; loads with torch.load(weights_only=True)):
-  format, version, config (TrainConfig as a dict, with "model"), step, epoch, samples_done
-  (of this epoch, over all processes), generator (state dict); latest.pth adds discriminator,
-  both optimisers, the grad scaler, RNG states, the loss log's running sums and the elapsed
-  seconds. With --ema_decay, "generator" holds the averaged weights (what inference and
-  validation use) and latest.pth adds "generator_train", the weights being trained.
-  The learning rate is a function of the epoch (train.lr_factor), so no scheduler
-  state is kept; older checkpoints' scheduler entries are ignored.
+"""What a training run leaves on disk besides its checkpoints (checkpoints.py owns their
+format, writing and reading): the JSON loss log, sample grids, the generator's moving
+average; and the rule that a new run never replaces an old one.
 """
 
 import copy
@@ -18,8 +10,6 @@ import math
 import os
 import re
 import shlex
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +17,9 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
-from config import OUTPUT_FIELDS, TrainConfig, check_model_values
-from config import saved as saved_config
-from utils import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, _process_exists,
-                   atomic_write, get_rng_state, is_project_checkpoint, load_checkpoint,
-                   load_state, one_line, save_checkpoint, save_json, set_rng_state)
+from checkpoints import is_project_checkpoint
+from config import OUTPUT_FIELDS
+from utils import UserError, _process_exists, atomic_write, save_json
 
 try:
     import fcntl
@@ -39,15 +27,6 @@ except ImportError:  # Windows: the lock file's process id decides
     fcntl = None
 
 LOSS_NAMES = ("g_adv", "g_l1", "d_real", "d_fake")
-
-
-@dataclass
-class Progress:
-    """The loop's counters: saved in every checkpoint, restored on resume."""
-    step: int = 0
-    epoch: int = 0
-    samples_done: int = 0  # of this epoch, over all processes
-    elapsed: float = 0.0
 
 
 class GeneratorEMA:
@@ -243,172 +222,6 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
-
-
-# --- Checkpoints ----------------------------------------------------------------------------
-
-def make_checkpoint(config, generator, progress, discriminator=None, optimizers=None,
-                    scaler=None, running=None, generator_train=None):
-    """The checkpoint dict: generator.pth's, or latest.pth's when `discriminator` is given.
-    `generator` is what inference uses (the averaged weights with --ema_decay, whose trained
-    generator is `generator_train`). Its tensors are the live ones: CheckpointWriter copies
-    them before training goes on."""
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": config.to_dict(),
-        "step": progress.step,
-        "epoch": progress.epoch,
-        "samples_done": progress.samples_done,
-        "generator": generator.state_dict(),
-    }
-    if discriminator is not None:
-        checkpoint.update(
-            discriminator=discriminator.state_dict(),
-            generator_optimizer=optimizers[0].state_dict(),
-            discriminator_optimizer=optimizers[1].state_dict(),
-            scaler=scaler.state_dict(),
-            rng=get_rng_state(),
-            log_running=running,
-            elapsed=progress.elapsed,
-        )
-        if generator_train is not None:
-            checkpoint["generator_train"] = generator_train.state_dict()
-    for what in ("generator", "discriminator", "generator_train"):
-        if what in checkpoint:
-            _refuse_non_finite(checkpoint[what], what, progress.step)
-    return checkpoint
-
-
-def _refuse_non_finite(state_dict, what, step):
-    """NaN or Inf weights are never written: the run stops and the last good checkpoint stays
-    (a finite loss can still be followed by an update that overflows)."""
-    tensors = [t for t in state_dict.values() if t.is_floating_point()]
-    if tensors and not torch.stack([t.isfinite().all() for t in tensors]).all():
-        raise UserError(f"step {step}: the {what} weights are not finite (NaN or Inf); stopped "
-                        "without saving, the last good checkpoint is kept (try a lower --lr "
-                        "or fp32)")
-
-
-GENERATOR_KEYS = ("format", "version", "config", "step", "epoch", "samples_done", "generator")
-
-
-def generator_only(checkpoint):
-    """generator.pth's checkpoint out of latest.pth's (the same objects, copied once)."""
-    return {k: checkpoint[k] for k in GENERATOR_KEYS}
-
-
-def cpu_copy(value):
-    """`value` with every tensor in it copied to the CPU (dicts, lists and tuples walked)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: cpu_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(cpu_copy(v) for v in value)
-    return value
-
-
-class CheckpointWriter:
-    """Saves checkpoints in a background thread while training goes on.
-
-    `save` copies the tensors (a memory copy, or one device-to-host transfer on a GPU), then
-    returns; the thread writes each file atomically (temporary file, fsync, rename), so a crash
-    at any moment leaves the previous complete file. One save is in flight at a time: the next
-    `save` and `close` wait for it, and re-raise its error (a full disk, say) there.
-    """
-
-    def __init__(self, background=True):
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if background else None
-        self.pending = None
-
-    def save(self, checkpoints):
-        """`checkpoints`: {path: checkpoint dict}, written in that order."""
-        self.wait()
-        copies, seen = {}, {}
-        for path, checkpoint in checkpoints.items():  # generator.pth shares latest.pth's copy
-            copies[path] = {k: seen[id(v)] if id(v) in seen else seen.setdefault(id(v),
-                                                                                 cpu_copy(v))
-                            for k, v in checkpoint.items()}
-        if self.pool is None:
-            return _write_all(copies)
-        self.pending = self.pool.submit(_write_all, copies)
-
-    def wait(self):
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.result()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        try:
-            self.wait()
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown()
-
-
-def _write_all(copies):
-    for path, checkpoint in copies.items():
-        save_checkpoint(checkpoint, path)
-
-
-def save_checkpoints(writer, config, nets, ema, optimizers, scaler, meter, progress, snapshot):
-    """generator.pth, latest.pth and (`snapshot`) epoch_N.pth, written in the background;
-    with `ema`, generator.pth and the snapshots hold the averaged weights."""
-    latest = make_checkpoint(config, ema.module if ema else nets.generator, progress,
-                             nets.discriminator, optimizers, scaler, meter.running_state(),
-                             nets.generator if ema else None)
-    folder = Path(config.checkpoint_dir)
-    files = {folder / "generator.pth": generator_only(latest), folder / "latest.pth": latest}
-    if snapshot:
-        files[folder / f"epoch_{progress.epoch:04d}.pth"] = generator_only(latest)
-    writer.save(files)
-
-
-def load_resume_state(path):
-    checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint.get("config"), dict):
-        raise UserError(f"{path}: the checkpoint's configuration is missing or unreadable")
-    saved_config(path, TrainConfig.from_dict, checkpoint["config"])  # data: checked first
-    saved_config(path, check_model_values, checkpoint["config"].get("model", {}))
-    if "discriminator" not in checkpoint:
-        raise UserError(f"{path}: holds only the generator; resume from latest.pth, which "
-                        "holds the full training state")
-    return checkpoint
-
-
-def restore_training_state(checkpoint, path, generator, discriminator, optimizers, scaler,
-                           ema=None):
-    """Load everything a resumed run needs; returns (Progress, the loss log's running sums).
-
-    A scaler saved disabled (a run that was not fp16) has no state: an fp16 resume starts its
-    scale afresh, as a new fp16 run would. With `ema` (a GeneratorEMA), "generator" holds the
-    averaged weights and "generator_train" the trained ones."""
-    load_state(generator, checkpoint.get("generator_train", checkpoint["generator"]), path,
-               "generator")
-    if ema is not None:
-        load_state(ema.module, checkpoint["generator"], path, "generator")
-    load_state(discriminator, checkpoint["discriminator"], path, "discriminator")
-    try:
-        optimizers[0].load_state_dict(checkpoint["generator_optimizer"])
-        optimizers[1].load_state_dict(checkpoint["discriminator_optimizer"])
-        if scaler.is_enabled() and checkpoint["scaler"]:
-            scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        progress = Progress(step=checkpoint["step"], epoch=checkpoint["epoch"],
-                            samples_done=checkpoint["samples_done"],
-                            elapsed=checkpoint["elapsed"])
-        running = checkpoint["log_running"]
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: the training state is incomplete or does not fit this run "
-                        f"({type(e).__name__}: {one_line(e)[:120]})") from None
-    return progress, running
 
 
 # --- The loss log ---------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""Helpers shared by the scripts: user errors, atomic files, checkpoints, devices, image tensors."""
+"""Helpers shared by the scripts: user errors, atomic files (checkpoints, logs, images), devices,
+image tensors. The checkpoint format is checkpoints.py's."""
 
 import functools
 import glob
 import json
 import os
-import pickle
 import re
 import sys
 import tempfile
@@ -13,9 +13,6 @@ from pathlib import Path
 
 import torch
 
-CHECKPOINT_FORMAT = "pix2pix-checkpoint"
-CHECKPOINT_VERSION = 1
-EXPORT_FORMAT = "pix2pix-generator"  # the marker in an exported file's metadata (export.py)
 RUNS_DIR = "runs"  # train.py --name NAME writes under runs/NAME/
 
 
@@ -215,103 +212,7 @@ def save_json(obj, path):
                  clean_leftovers=True)
 
 
-def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda f: torch.save(checkpoint, f), clean_leftovers=True)
-
-
-# --- Checkpoints ----------------------------------------------------------------------------
-
-def run_file(path, name):
-    """`path` itself, or where a folder keeps `name`: a run folder (runs/NAME: its
-    checkpoints/`name`) or a checkpoint folder (its `name`)."""
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    for candidate in (path / "checkpoints" / name, path / name):
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"{path}: is a folder without checkpoints/{name} or {name}; pass a run "
-                    "folder (runs/NAME) or a checkpoint file")
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a pix2pix checkpoint safely: tensors and plain containers only, never code."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: checkpoint not found")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # a well-formed pickle of Python objects
-            raise UserError(f"{path}: refused: the file holds pickled Python objects, which "
-                            "could run code; a pix2pix checkpoint holds only tensors and "
-                            "plain values") from None
-        raise UserError(f"{path}: not a readable checkpoint (not a PyTorch file, or "
-                        "corrupt)") from None
-    except Exception as e:  # noqa: BLE001 (other bytes fail in the unpickler in many ways)
-        if not path.stat().st_size:
-            reason = "empty file"
-        elif isinstance(e, (RuntimeError, OSError, ValueError)):
-            reason = f"truncated or corrupt: {one_line(e)[:120]}"
-        else:
-            reason = "not a PyTorch file, or corrupt"
-        raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a pix2pix checkpoint of this project "
-                        "(no 'format' marker); was it written by another implementation?")
-    if checkpoint.get("version", 0) > CHECKPOINT_VERSION:
-        raise UserError(f"{path}: checkpoint version {checkpoint['version']} is newer than "
-                        f"this code understands ({CHECKPOINT_VERSION})")
-    return checkpoint
-
-
-def is_project_checkpoint(path):
-    """Whether `path` is a checkpoint with this project's format marker (memory-mapped: the
-    weights are not read)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 (anything unreadable is not one)
-        return False
-    return isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT
-
-
-def load_state(module, state_dict, path, what):
-    """load_state_dict with a one-line message instead of a dump of mismatched keys; names and
-    shapes are compared before any weight is copied."""
-    problem = _mismatch(module, state_dict)
-    if problem is None:
-        try:
-            module.load_state_dict(state_dict)
-            return
-        except (RuntimeError, TypeError, AttributeError, ValueError) as e:
-            problem = one_line(e)[:160]
-    raise UserError(f"{path}: the {what} weights do not fit the architecture in the "
-                    f"checkpoint's configuration ({problem})")
-
-
-def _mismatch(module, state_dict):
-    """What differs between `state_dict` and `module`, in a few words; None if nothing."""
-    if not isinstance(state_dict, dict):
-        return f"a {type(state_dict).__name__} instead of a state dict"
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        return (f"{len(missing)} weights missing, {len(unexpected)} unexpected, e.g. "
-                f"{str((missing or unexpected)[0])[:80]}; is it another model's state dict?")
-    for key, value in expected.items():
-        if not isinstance(state_dict[key], torch.Tensor):
-            return f"{key} is a {type(state_dict[key]).__name__}, not a tensor"
-        shape = list(state_dict[key].shape)
-        if shape != list(value.shape):
-            return (f"{key} has shape {shape} in the file, {list(value.shape)} in the model; "
-                    "was it saved with other channel settings?")
-    return None
-
-
-# --- Devices and randomness -----------------------------------------------------------------
+# --- Devices --------------------------------------------------------------------------------
 
 def choose_device(name="auto"):
     """`auto` picks CUDA, then Apple MPS, then the CPU."""
@@ -331,22 +232,6 @@ def choose_device(name="auto"):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: Apple MPS is not available on this machine")
     return device
-
-
-def get_rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    """Restore what get_rng_state saved. CUDA generators are restored for the GPUs both
-    machines have: a run saved on 8 GPUs resumes on 1 (or on the CPU) with the first ones."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # --- Images ---------------------------------------------------------------------------------

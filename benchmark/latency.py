@@ -54,8 +54,7 @@ def fresh_checkpoint(path, seed=0):
 
     from config import TrainConfig
     from models import build_generator
-    from training_state import Progress, make_checkpoint
-    from utils import save_checkpoint
+    from checkpoints import Progress, make_checkpoint, save_checkpoint
 
     torch.manual_seed(seed)
     config = TrainConfig()

@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 import train
+from checkpoints import CheckpointWriter, Progress, generator_only, make_checkpoint, save_checkpoint
 from config import TrainConfig
 from models import build_discriminator, build_generator
-from training_state import (CheckpointWriter, LossMeter, Progress, generator_only,
-                            make_checkpoint)
-from utils import save_checkpoint
+from training_state import LossMeter
 
 
 def training_state(device):

@@ -16,8 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metrics
+from checkpoints import save_checkpoint
 from cityscapes import NUM_TRAIN_IDS, decode_train_ids
-from utils import save_checkpoint, to_uint8
+from utils import to_uint8
 
 SEGMENTER_FORMAT = "pix2pix-quality-segmenter"
 

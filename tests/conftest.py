@@ -158,8 +158,8 @@ def write_checkpoint(path, image_size=32, latest=False, seed=0, **options):
     (with the discriminator, optimisers, scaler and log state) if `latest`."""
     from config import TrainConfig
     from models import build_discriminator, build_generator
-    from training_state import LossMeter, Progress, make_checkpoint
-    from utils import save_checkpoint
+    from checkpoints import Progress, make_checkpoint, save_checkpoint
+    from training_state import LossMeter
 
     torch.manual_seed(seed)
     config = TrainConfig(**{**TINY_MODEL, "image_size": image_size, **options})

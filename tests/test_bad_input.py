@@ -12,7 +12,8 @@ from conftest import (TINY_MODEL, as_flags, assert_clean_failure, draw_label_map
 
 import inference
 import train
-from utils import UserError, load_checkpoint, run_cli
+from checkpoints import load_checkpoint
+from utils import UserError, run_cli
 
 TINY_RUN = [*as_flags(TINY_MODEL), "--epochs", "1", "--batch_size", "2", "--num_workers", "0",
             "--checkpoint_dir", "tmp/c", "--log_file", "tmp/log.json", "--sample_dir", "tmp/s"]

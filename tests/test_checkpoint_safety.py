@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import inference
 import train
 import utils
@@ -189,7 +190,7 @@ def test_weights_of_another_shape_are_refused_before_any_is_copied(tiny_checkpoi
     state[last] = torch.zeros(5)  # the last key is wrong: the first must stay untouched
     state[first] = torch.full_like(state[first], 7.0)
     with pytest.raises(utils.UserError, match=f"{last} has shape"):
-        utils.load_state(generator, state, "x.pth", "generator")
+        checkpoints.load_state(generator, state, "x.pth", "generator")
     assert torch.equal(generator.state_dict()[first], before[first])
 
 

@@ -20,11 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import inference
 import train
 import training_state
 import utils
-from utils import UserError, load_checkpoint, save_checkpoint, save_json
+from checkpoints import load_checkpoint, save_checkpoint
+from utils import UserError, save_json
 
 from conftest import (FailingFile, cli_flags, finish, logged_steps, output_flags, run_in_process,
                       start_script, temp_files, tiny_config)
@@ -214,15 +216,15 @@ def mtime(path):
 
 def assert_all_files_load(out):
     """Every file at its final name loads; besides those, only hidden temporary files."""
-    checkpoints = out / "checkpoints"
-    latest = load_checkpoint(checkpoints / "latest.pth")
-    if (checkpoints / "generator.pth").exists():
-        inference.load_generator(checkpoints / "generator.pth")
+    checkpoint_dir = out / "checkpoints"
+    latest = load_checkpoint(checkpoint_dir / "latest.pth")
+    if (checkpoint_dir / "generator.pth").exists():
+        inference.load_generator(checkpoint_dir / "generator.pth")
     steps = logged_steps(out / "log.json")
     assert steps == list(range(1, len(steps) + 1))  # no gaps, no repeats
     for sample in (out / "samples").glob("*.png") if (out / "samples").exists() else []:
         Image.open(sample).verify()
-    for folder in (checkpoints, out, out / "samples"):
+    for folder in (checkpoint_dir, out, out / "samples"):
         for path in folder.iterdir() if folder.exists() else []:
             assert path.is_dir() or path.suffix in (".pth", ".json", ".png") or \
                 TEMP_NAME.fullmatch(path.name) or path.name == training_state.RunLock.NAME, path
@@ -232,7 +234,7 @@ def assert_all_files_load(out):
 def test_sigkill_at_any_moment_leaves_loadable_files(tmp_path, demo_set):
     out = tmp_path / "run"
     config = tiny_config(out, demo_set, epochs=100, checkpoint_every_steps=1)
-    checkpoints = out / "checkpoints"
+    checkpoint_dir = out / "checkpoints"
 
     def saving(path):  # the running process is writing `path` (its temporary file exists)
         def condition():
@@ -245,7 +247,7 @@ def test_sigkill_at_any_moment_leaves_loadable_files(tmp_path, demo_set):
         time.sleep(0.2)
         return True
 
-    moments = {"while latest.pth is written": saving(checkpoints / "latest.pth"),
+    moments = {"while latest.pth is written": saving(checkpoint_dir / "latest.pth"),
                "while the log is written": saving(out / "log.json"),
                "between saves": later}
     command = cli_flags(config)
@@ -254,24 +256,24 @@ def test_sigkill_at_any_moment_leaves_loadable_files(tmp_path, demo_set):
         process = start_script("train.py", *command, cwd=tmp_path)
         with ended(process):
             # Wait for a new latest.pth from this process, then for the moment, then kill -9.
-            assert wait_for(lambda seen=last_save: mtime(checkpoints / "latest.pth") not in (
+            assert wait_for(lambda seen=last_save: mtime(checkpoint_dir / "latest.pth") not in (
                 None, seen), process)
             caught = wait_for(condition, process, timeout=10.0)
             process.send_signal(signal.SIGKILL)
             process.wait()
         assert process.returncode == -signal.SIGKILL
         step = assert_all_files_load(out)
-        kills.append((moment, step, caught, temp_files(checkpoints) + temp_files(out)))
-        last_save = mtime(checkpoints / "latest.pth")
-        command = ["--resume", checkpoints / "latest.pth", *output_flags(config)]
+        kills.append((moment, step, caught, temp_files(checkpoint_dir) + temp_files(out)))
+        last_save = mtime(checkpoint_dir / "latest.pth")
+        command = ["--resume", checkpoint_dir / "latest.pth", *output_flags(config)]
 
     # Resuming after the last kill continues one log and removes the killed saves' leftovers.
     step = kills[-1][1]
-    summary = train.main(["--resume", str(checkpoints / "latest.pth"), "--max_steps",
+    summary = train.main(["--resume", str(checkpoint_dir / "latest.pth"), "--max_steps",
                           str(step + 2), *output_flags(config)])
     assert summary["step"] == step + 2
     assert logged_steps(out / "log.json") == list(range(1, step + 3)), kills
-    assert temp_files(checkpoints) == [] and temp_files(out) == [], kills
+    assert temp_files(checkpoint_dir) == [] and temp_files(out) == [], kills
     assert kills[0][1] < kills[1][1] < kills[2][1], kills  # each resumed run made progress
 
 
@@ -359,14 +361,14 @@ def test_a_full_disk_during_training_stops_and_keeps_the_last_checkpoint(tmp_pat
                                                                          monkeypatch):
     config = tiny_config(tmp_path, demo_set, epochs=2, checkpoint_every_steps=1)
     latest = Path(config.checkpoint_dir) / "latest.pth"
-    real_save = utils.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_checkpoint_on_a_filling_disk(checkpoint, path):
         if checkpoint["step"] == 3 and Path(path).name == "latest.pth":
             inject_fault(monkeypatch, "full disk", FAULTS["full disk"], lambda: None)
         return real_save(checkpoint, path)
 
-    monkeypatch.setattr(training_state, "save_checkpoint", save_checkpoint_on_a_filling_disk)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_checkpoint_on_a_filling_disk)
     with pytest.raises(UserError, match="No space left on device") as error:
         train.train(config)
     assert str(latest) in str(error.value)
@@ -393,7 +395,7 @@ def test_an_unreadable_file_mid_epoch_saves_then_stops_naming_it(tmp_path, demo_
     assert status == 2 and "Traceback" not in err, err
     assert str(reads[0]) in err and "saving step 1" in err and "--resume" in err, err
     latest = Path(config.checkpoint_dir) / "latest.pth"
-    assert utils.load_checkpoint(latest)["step"] == 1  # the step trained is kept
+    assert load_checkpoint(latest)["step"] == 1  # the step trained is kept
     assert logged_steps(config.log_file) == [1]
 
 
@@ -421,5 +423,5 @@ def test_ctrl_c_with_spawned_loader_workers_saves(tmp_path, demo_set, method="sp
     assert result.returncode == 130, result.stderr[-3000:]
     assert "exited unexpectedly" not in result.stderr and "Traceback" not in result.stderr
     match = re.search(r"interrupted at step (\d+)", result.stderr)
-    assert match and utils.load_checkpoint(Path(config.checkpoint_dir) / "latest.pth")[
+    assert match and load_checkpoint(Path(config.checkpoint_dir) / "latest.pth")[
         "step"] == int(match[1])

@@ -12,7 +12,7 @@ import torch
 import inference
 import runtime as rt
 import train
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 from conftest import as_flags, output_flags, tiny_config
 

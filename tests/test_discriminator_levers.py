@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 import train
+from checkpoints import load_checkpoint
 from config import PRESETS, TrainConfig, apply_preset
 from conftest import output_flags, tiny_config
 from models import (ModelConfig, MultiScaleDiscriminator, PatchDiscriminator,
                     build_discriminator, count_parameters, per_scale)
-from utils import UserError, load_checkpoint
+from utils import UserError
 
 SMALL = {"generator_channels": 8, "discriminator_channels": 8, "image_size": 64}
 

@@ -22,11 +22,12 @@ import torch.nn as nn
 
 import runtime as rt
 import train
+from checkpoints import load_checkpoint
 from config import TrainConfig
 from inference import load_generator
 from runtime import EpochSampler
 from models import build_discriminator, build_generator
-from utils import UserError, load_checkpoint
+from utils import UserError
 
 from conftest import TINY_TRAINING, as_flags
 

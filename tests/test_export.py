@@ -12,10 +12,9 @@ from conftest import TINY_MODEL, draw_label_map, run_in_process, save_image
 
 import export
 import inference
+from checkpoints import Progress, make_checkpoint, save_checkpoint
 from config import TrainConfig
 from models import build_generator
-from training_state import Progress, make_checkpoint
-from utils import save_checkpoint
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

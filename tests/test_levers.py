@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import train
+from checkpoints import load_checkpoint
 from cityscapes import PALETTE
 from config import PRESETS, TrainConfig, apply_preset
 from conftest import TINY_MODEL, output_flags, tiny_config
@@ -16,7 +17,7 @@ from inference import load_generator
 from models import (ModelConfig, ResizeConv2d, build_discriminator, build_generator,
                     count_parameters)
 from training_state import GeneratorEMA
-from utils import UserError, load_checkpoint
+from utils import UserError
 
 
 

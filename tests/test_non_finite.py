@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 import train
+from checkpoints import load_checkpoint
 from training_state import RunLog
-from utils import UserError, load_checkpoint
+from utils import UserError
 
 from conftest import cli_flags, logged_steps, run_in_process, temp_files, tiny_config
 

@@ -17,11 +17,11 @@ from PIL import Image
 import inference
 import runtime as rt
 import train
+from checkpoints import load_checkpoint
 from train import discriminator_loss
 from config import TrainConfig
 from runtime import build_train_loader, build_val_dataset
 from models import ModelConfig, build_generator
-from utils import load_checkpoint
 
 from conftest import TINY_MODEL, TINY_TRAINING
 

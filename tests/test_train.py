@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import train
+from checkpoints import load_checkpoint
 from inference import load_generator
 from models import build_generator
-from utils import UserError, load_checkpoint
+from utils import UserError
 
 from conftest import TINY_MODEL, as_flags, output_flags, tiny_config
 

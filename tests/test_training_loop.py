@@ -13,14 +13,15 @@ import torch
 from torch import nn
 
 import app
+import checkpoints
 import inference
 import runtime as rt
 import train
 import training_state
-import utils
+from checkpoints import CheckpointWriter, Progress, load_checkpoint, restore_training_state
 from config import TrainConfig, build_parser
-from training_state import CheckpointWriter, LossMeter, Progress, restore_training_state
-from utils import UserError, load_checkpoint
+from training_state import LossMeter
+from utils import UserError
 
 from conftest import (TINY_MODEL, cli_flags, output_flags, run_in_process, tiny_config,
                       write_checkpoint)
@@ -216,7 +217,7 @@ def test_cuda_rng_states_are_restored_for_the_gpus_this_machine_has(monkeypatch)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(
         index))
     state = {"torch": torch.get_rng_state(), "cuda": [torch.zeros(8, dtype=torch.uint8)] * 8}
-    utils.set_rng_state(state)  # saved on 8 GPUs, resumed on 1
+    checkpoints.set_rng_state(state)  # saved on 8 GPUs, resumed on 1
     assert restored == [0]
 
 
@@ -246,7 +247,7 @@ def test_the_writer_returns_before_the_file_is_written_and_close_waits(tmp_path,
         release.wait(10)
         written.append((Path(path).name, checkpoint["weights"].tolist()))
 
-    monkeypatch.setattr(training_state, "save_checkpoint", slow_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", slow_save)
     weights = torch.zeros(3)
     writer = CheckpointWriter()
     started = time.perf_counter()
@@ -262,7 +263,7 @@ def test_a_failed_background_write_is_raised_at_the_next_save(tmp_path, monkeypa
     def full_disk(checkpoint, path):
         raise UserError(f"{path}: No space left on device")
 
-    monkeypatch.setattr(training_state, "save_checkpoint", full_disk)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", full_disk)
     writer = CheckpointWriter()
     writer.save({tmp_path / "a.pth": {"x": torch.ones(1)}})
     with pytest.raises(UserError, match="a.pth: No space left"):
