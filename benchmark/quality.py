@@ -105,6 +105,9 @@ def parse(argv=None):
                         help="data, runs and the cached segmenter go here")
     parser.add_argument("--out", default=None, help="JSON results (default: WORK_DIR/quality.json)")
     parser.add_argument("--no_fid", action="store_true", help="skip FID/KID (no Inception)")
+    parser.add_argument("--report", default=None, metavar="JSON[,JSON]",
+                        help="train nothing: print the tables of saved results, runs of "
+                             "several files together (same settings)")
     args = parser.parse_args(argv)
     args.configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in args.configs if c not in CONFIGS]
@@ -390,8 +393,36 @@ def format_time_to_quality(runs):
     return "\n".join(lines)
 
 
+def print_tables(runs, steps, baseline, ceiling=None, data="", probes=None):
+    summary = summarise([r for r in runs if r["step"] == steps])
+    equal_time = at_equal_time(runs)
+    summary_time = summarise(equal_time)
+    steps_time = {name: "/".join(str(r["step"]) for r in equal_time if r["config"] == name)
+                  for name in summary_time}
+    print(data + ("; the judge's mean IoU on real / blurred / checkerboarded val photos: " +
+                  " / ".join(f"{v:.3f}" for v in probes.values()) if probes else ""))
+    print(f"\nAt equal steps ({steps}):")
+    print(format_table(summary, ceiling, baseline))
+    if len({r["step"] for r in runs}) > 1:
+        print("\nAt equal wall time (each run's last point within its seed's shortest run):")
+        print(format_table(summary_time, None, baseline, steps_time))
+        print("\nTime to quality:")
+        print(format_time_to_quality([r for r in runs if "@" not in r["config"]]))
+    return summary, summary_time
+
+
+def report(paths, baseline):
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [r for result in results for r in result["runs"]]
+    first = results[0]
+    print_tables(runs, first["settings"]["steps"], baseline, first.get("judge_upper_bound"),
+                 first.get("data", ""), first.get("judge_probes"))
+
+
 def main(argv=None):
     args = parse(argv)
+    if args.report:
+        return report(args.report.split(","), args.baseline)
     torch.set_num_threads(torch.get_num_threads())
     shared = prepare(args, log=lambda m: print(m, file=sys.stderr))
     print(f"judge on real val photos: {shared['upper_bound']}; mean IoU on real, blurred and "
@@ -411,11 +442,9 @@ def main(argv=None):
                     runs.append({"config": label, "seed": seed, "step": step,
                                  "train_seconds": seconds, **values})
                     print(json.dumps(runs[-1]), file=sys.stderr)
-    summary = summarise([r for r in runs if r["step"] == args.steps])
-    equal_time = at_equal_time(runs)
-    summary_time = summarise(equal_time)
-    steps_time = {name: "/".join(str(r["step"]) for r in equal_time if r["config"] == name)
-                  for name in summary_time}
+    summary, summary_time = print_tables(runs, args.steps, args.baseline,
+                                         shared["upper_bound"], shared["data"],
+                                         shared["judge_probes"])
     result = {"settings": vars(args), "data": shared["data"],
               "configs": {c: CONFIGS[c] for c in args.configs},
               "judge_upper_bound": shared["upper_bound"], "classes": shared["classes"],
@@ -426,15 +455,6 @@ def main(argv=None):
     out = Path(args.out or Path(args.work_dir) / "quality.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"{shared['data']}; the judge's mean IoU on real / blurred / checkerboarded val "
-          "photos: " + " / ".join(f"{v:.3f}" for v in shared["judge_probes"].values()))
-    print(f"\nAt equal steps ({args.steps}):")
-    print(format_table(summary, shared["upper_bound"], args.baseline))
-    if args.score_points > 1:
-        print("\nAt equal wall time (each run's last point within its seed's shortest run):")
-        print(format_table(summary_time, None, args.baseline, steps_time))
-        print("\nTime to quality:")
-        print(format_time_to_quality([r for r in runs if "@" not in r["config"]]))
     print(f"results: {out}")
     return result
 
