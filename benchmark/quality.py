@@ -33,6 +33,7 @@ and a table: per configuration the mean over seeds and the spread (min..max).
 """
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -73,7 +74,9 @@ CONFIGS = {
     "ema+resize+hinge+msd": {"ema_decay": 0.999, "upsample": "resize", "gan_loss": "hinge",
                              "discriminator_scales": 2},
 }
-TEST_MODES = {"batchstats": "paper"}  # scored again on the checkpoints of this configuration
+# Scored again, on the final checkpoints of these configurations: the paper's test mode, and
+# batch-norm statistics recomputed for the weights that are scored (generate()).
+TEST_MODES = {"batchstats": ("paper",), "precisebn": ("default", "oasis")}
 METRICS = ("fid", "kid", "pixel_accuracy", "mean_iou", "l1", "psnr", "train_seconds",
            "edge_error_ratio", "grid_power_ratio", "mean_shift", "std_ratio")
 ARTEFACTS = ("edge_error_ratio", "grid_power_ratio", "mean_shift", "std_ratio")
@@ -105,6 +108,9 @@ def parse(argv=None):
                         help="data, runs and the cached segmenter go here")
     parser.add_argument("--out", default=None, help="JSON results (default: WORK_DIR/quality.json)")
     parser.add_argument("--no_fid", action="store_true", help="skip FID/KID (no Inception)")
+    parser.add_argument("--score_only", action="store_true",
+                        help="train nothing: score the final checkpoints of the runs already in "
+                             "WORK_DIR for these settings")
     parser.add_argument("--report", default=None, metavar="JSON[,JSON]",
                         help="train nothing: print the tables of saved results, runs of "
                              "several files together (same settings)")
@@ -151,6 +157,7 @@ def prepare(args, log=print):
     judge, seconds = seg.cached_segmenter(work / f"segmenter_{name}.pth", key, train_photos,
                                           train_ids, args.segmenter_steps, log)
     shared = {"data_dir": data_dir, "val_labels": val_labels, "val_photos": val_photos,
+              "train_labels": train_labels,
               "val_ids": val_ids, "judge": judge, "classes": classes,
               "upper_bound": seg.consistency(judge, val_photos, val_ids, classes),
               "judge_probes": judge_probes(judge, val_photos, val_ids, classes),
@@ -203,6 +210,11 @@ def run_config(name, seed, args, shared, log=print):
     from training_state import load_resume_state
     points = score_steps(args.steps, args.score_points)
     latest = run_dir / "checkpoints" / "latest.pth"
+    if args.score_only:
+        log_file = json.loads(Path(flags["log_file"]).read_text())
+        yield log_file["steps"][-1]["step"], run_dir / "checkpoints" / "generator.pth", \
+            log_file["steps"][-1]["seconds"]
+        return
     for k, step in enumerate(points):
         config = TrainConfig(**apply_preset({**flags, **CONFIGS[name], "max_steps": step}))
         if k == 0:
@@ -218,6 +230,26 @@ def run_config(name, seed, args, shared, log=print):
 def score_steps(steps, points):
     """`points` evenly spaced steps ending at `steps`."""
     return sorted({round(steps * (k + 1) / points) for k in range(points)})
+
+
+@torch.no_grad()
+def precise_batch_norm(generator, labels, batch_size=16):
+    """A copy of `generator` whose batch-norm running statistics are the plain average over
+    `labels` (training label maps) of the statistics its own weights produce (dropout off).
+    The EMA generator's statistics are copied from the live one, whose weights it trails
+    (training_state.GeneratorEMA): this tells whether that mismatch costs quality."""
+    generator = copy.deepcopy(generator).eval()
+    norms = [m for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+        norm.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        order = torch.randperm(len(labels))
+    for i in range(0, len(labels) - batch_size + 1, batch_size):
+        generator(labels[order[i:i + batch_size]])
+    return generator.eval()
 
 
 @torch.no_grad()
@@ -433,12 +465,13 @@ def main(argv=None):
             for step, path, seconds in run_config(name, seed, args, shared,
                                                   log=lambda m: print(m, file=sys.stderr)):
                 generator, _ = load_generator(path)
-                modes = [(name, False)] + [(f"{name}@{mode}", True)
-                                           for mode, of in TEST_MODES.items()
-                                           if of == name and step == args.steps]
-                for label, batch_statistics in modes:
-                    values = score(generate(generator, shared["val_labels"], batch_statistics),
-                                   shared)
+                modes = [name] + [f"{name}@{mode}" for mode, of in TEST_MODES.items()
+                                  if name in of and step == args.steps]
+                for label in modes:
+                    shown = precise_batch_norm(generator, shared["train_labels"]) \
+                        if label.endswith("@precisebn") else generator
+                    values = score(generate(shown, shared["val_labels"],
+                                            label.endswith("@batchstats")), shared)
                     runs.append({"config": label, "seed": seed, "step": step,
                                  "train_seconds": seconds, **values})
                     print(json.dumps(runs[-1]), file=sys.stderr)

@@ -146,3 +146,21 @@ def test_the_judge_probes_score_the_real_photos_blurred_and_checkerboarded():
     probes = quality.judge_probes(ByBrightness(), photos, ids, [0, 10])
     assert probes["real"] == 1.0 and probes["checkerboard"] == 1.0
     assert probes["blurred"] < 0.7
+
+
+def test_precise_batch_norm_recomputes_the_statistics_of_the_weights_scored():
+    from models import ModelConfig, build_generator
+    torch.manual_seed(0)
+    generator = build_generator(ModelConfig(image_size=16, generator_channels=4)).eval()
+    norm = generator.decoder["up2"].norm
+    norm.running_mean.fill_(5.0)  # statistics of other weights, as the EMA's copied ones
+    labels = torch.rand(32, 3, 16, 16) * 2 - 1
+    fixed = quality.precise_batch_norm(generator, labels, batch_size=8)
+    assert norm.running_mean.eq(5.0).all()  # the scored copy changes, not the original
+    fixed_norm = fixed.decoder["up2"].norm
+    assert not fixed.training and fixed_norm.running_mean.abs().max() < 1
+    # Statistics of its own inputs: eval mode now normalises them to about zero mean.
+    captured = []
+    fixed_norm.register_forward_hook(lambda m, i, o: captured.append(o))
+    fixed(labels)
+    assert captured[0].mean((0, 2, 3)).abs().max() < 0.1
