@@ -221,10 +221,13 @@ def run_config(name, seed, args, shared, log=print):
             train.train(config, overwrite=True)
         else:  # the same run continued: its RNG, optimisers and EMA as they were
             train.train(config, resume_from=(load_resume_state(latest), latest))
-        # Training seconds as the run's log counts them (the scoring in between left out).
-        seconds = json.loads(Path(config.log_file).read_text())["steps"][-1]["seconds"]
-        log(f"{name} seed {seed}: {step} steps in {seconds:.0f} s of training")
-        yield step, run_dir / "checkpoints" / "generator.pth", seconds
+        # The step reached and the training seconds as the run's log counts them (the scoring
+        # in between left out); a run stopped early (SIGTERM) says so rather than pass.
+        last = json.loads(Path(config.log_file).read_text())["steps"][-1]
+        if last["step"] != step:
+            raise SystemExit(f"{name} seed {seed}: stopped at step {last['step']} of {step}")
+        log(f"{name} seed {seed}: {step} steps in {last['seconds']:.0f} s of training")
+        yield step, run_dir / "checkpoints" / "generator.pth", last["seconds"]
 
 
 def score_steps(steps, points):
