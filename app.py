@@ -15,9 +15,11 @@ import argparse
 import io
 import ipaddress
 import json
+import re
 import socket
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 import runtime
 from cityscapes import COLORS, PALETTE, nearest_colors
+from dataset import decode
 from utils import UserError, choose_device, one_line, run_cli
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -47,9 +50,22 @@ MAX_ASPECT = 4  # the long side over the short one: the short side is scaled to 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".png": "image/png"}
-# The browser enforces what the page promises: nothing from any other address.
+# The browser enforces what the page promises: nothing from any other address, and no other
+# site may frame it.
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; "
-                           "connect-src 'self'; object-src 'none'; base-uri 'none'")
+                           "connect-src 'self'; object-src 'none'; base-uri 'none'; "
+                           "frame-ancestors 'none'")
+# What a client may cost the server: every request (its reading, decoding, snapping and
+# waiting for the generator) has a total deadline; connections and concurrent decodes are
+# capped, and a request over a cap is answered 503 at once.
+REQUEST_SECONDS = 30.0
+MAX_CONNECTIONS = 32
+MAX_DECODES = 2  # a 2048x2048 decode and snap takes ~100 MB: two at a time
+MAX_PATH_CHARS = 200
+BUSY_BODY = b'{"error": "the server is busy; try again in a moment"}'
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+                 % (len(BUSY_BODY), BUSY_BODY))
 
 
 class RequestError(Exception):
@@ -62,10 +78,30 @@ class RequestError(Exception):
 
 # --- Label maps in, photos out ----------------------------------------------------------------
 
-def snap_to_palette(label):
+class RequestTimeout(Exception):
+    """The request's total deadline passed (not a TimeoutError: the standard library's handler
+    would close the connection without an answer)."""
+
+
+class Deadline:
+    """A moment in time.monotonic() seconds; `check()` raises RequestTimeout after it."""
+
+    def __init__(self, seconds):
+        self.at = time.monotonic() + seconds
+
+    def remaining(self):
+        return self.at - time.monotonic()
+
+    def check(self):
+        if self.remaining() <= 0:
+            raise RequestTimeout("the request took too long")
+
+
+def snap_to_palette(label, deadline=None):
     """(H, W, 3) uint8 -> every pixel replaced by its nearest Cityscapes colour (the project's
-    one nearest-colour rule, cityscapes.nearest_colors)."""
-    return PALETTE[nearest_colors(label)[0]]
+    one nearest-colour rule, cityscapes.nearest_colors, in bounded chunks of distinct colours,
+    checking `deadline` between them)."""
+    return PALETTE[nearest_colors(label, between_chunks=deadline and deadline.check)[0]]
 
 
 def decode_label_map(body, content_type, max_pixels=MAX_PIXELS):
@@ -92,7 +128,7 @@ def decode_label_map(body, content_type, max_pixels=MAX_PIXELS):
         raise RequestError(HTTPStatus.BAD_REQUEST, f"the label map is {width}x{height}; its "
                            f"long side may be at most {MAX_ASPECT} times its short side")
     try:
-        image.load()
+        image = decode(image)  # EXIF rotation applied, as inference reads files
         if image.mode in ("L", "1", "LA", "I", "I;16", "F"):
             raise RequestError(HTTPStatus.BAD_REQUEST, "the label map is single-channel; "
                                "send a colour label map in the Cityscapes colours")
@@ -116,10 +152,15 @@ class PhotoService:
         self.translator = translator
         self.lock = threading.Lock()
 
-    def translate(self, label):
-        snapped = snap_to_palette(label)
-        with self.lock:
+    def translate(self, label, deadline=None):
+        snapped = snap_to_palette(label, deadline)
+        if not self.lock.acquire(timeout=max(0.0, deadline.remaining()) if deadline else -1):
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "the generator is busy; try "
+                               "again in a moment")
+        try:
             return self.translator.translate([snapped])[0]
+        finally:
+            self.lock.release()
 
     def warm_up(self, sizes=CANVAS_SIZES):
         """One translation per canvas size, so that the first painter waits no longer than
@@ -140,33 +181,162 @@ def page_config():
 # --- The server -------------------------------------------------------------------------------
 
 def static_file(path):
-    """The file of web/ that a URL path names, or None (outside web/, missing, another kind)."""
-    file = (WEB_DIR / (path.lstrip("/") or "index.html")).resolve()
-    if file.is_relative_to(WEB_DIR) and file.is_file() and file.suffix in STATIC_TYPES:
-        return file
+    """The file of web/ that a URL path names, or None (outside web/, missing, another kind,
+    a control character or an over-long path)."""
+    if len(path) > MAX_PATH_CHARS or re.search(r"[\x00-\x1f\x7f\\]", path):
+        return None
+    try:
+        file = (WEB_DIR / (path.lstrip("/") or "index.html")).resolve()
+        if file.is_relative_to(WEB_DIR) and file.is_file() and file.suffix in STATIC_TYPES:
+            return file
+    except (OSError, ValueError):
+        pass
     return None
+
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def host_name(header):
+    """The name of a Host header (`localhost:8000` -> `localhost`, `[::1]:80` -> `::1`),
+    lower case, or None if it is not one."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?", header or "")
+    return match[1].strip("[]").lower() if match else None
+
+
+def is_allowed_host(name, allowed=()):
+    """Loopback names always; other names only if listed (--allowed_hosts): a web page the user
+    visits can make its own name resolve to 127.0.0.1 (DNS rebinding), but cannot change the
+    Host its requests carry."""
+    return name is not None and (name in LOOPBACK_NAMES or name in allowed or is_loopback(name))
 
 
 class AppServer(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for open connections
     block_on_close = False
 
-    def __init__(self, address, service, max_body_bytes=MAX_BODY_BYTES, verbose=False):
+    def __init__(self, address, service, max_body_bytes=MAX_BODY_BYTES, verbose=False,
+                 allowed_hosts=(), request_seconds=REQUEST_SECONDS,
+                 max_connections=MAX_CONNECTIONS, max_decodes=MAX_DECODES):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, AppHandler)
         self.service = service
         self.max_body_bytes = max_body_bytes
         self.verbose = verbose
+        self.allowed_hosts = {name.lower() for name in allowed_hosts}
+        bound = address[0].lower()
+        if bound not in ("", "0.0.0.0", "::"):  # the address it was told to listen on
+            self.allowed_hosts.add(bound)
+        self.request_seconds = request_seconds
+        self.connections = threading.BoundedSemaphore(max_connections)
+        self.decodes = threading.BoundedSemaphore(max_decodes)
+
+    def process_request(self, request, client_address):
+        """A thread per connection, up to max_connections; over that, 503 and close."""
+        if not self.connections.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+
+class DeadlineReader(io.RawIOBase):
+    """The connection's bytes, read against the request's total deadline: the socket's own
+    timeout is per read, so a client sending a byte at a time would hold its thread forever."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        remaining = self.handler.deadline.remaining()
+        if remaining <= 0:
+            raise RequestTimeout("the request took too long")
+        self.handler.connection.settimeout(remaining)
+        try:
+            count = self.handler.connection.recv_into(buffer)
+        except TimeoutError:
+            raise RequestTimeout("the request took too long") from None
+        self.handler.received += count
+        return count
 
 
 class AppHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: live mode reuses one connection
     server_version = "pix2pix-app"
-    timeout = 30  # seconds a client may stall mid-request before its thread is freed
+    timeout = REQUEST_SECONDS  # replaced by each request's total deadline (DeadlineReader)
+
+    def setup(self):
+        super().setup()
+        self.rfile = io.BufferedReader(DeadlineReader(self))
+
+    def handle_one_request(self):
+        """One request within its total deadline; an idle kept-alive connection is closed
+        silently at it, a request under way is answered 408."""
+        self.deadline = Deadline(self.server.request_seconds)
+        self.received = 0
+        self.command, self.requestline, self.request_version = "", "", self.protocol_version
+        try:
+            super().handle_one_request()
+        except RequestTimeout:
+            self.close_connection = True
+            if self.received:
+                self.connection.settimeout(5.0)
+                try:
+                    self.refuse(HTTPStatus.REQUEST_TIMEOUT, "the request took too long; "
+                                f"send it within {self.server.request_seconds:g} s")
+                except OSError:
+                    pass
+
+    def url_path(self):
+        """The decoded path of the request's URL, or None if it is not one."""
+        try:
+            return unquote(urlsplit(self.path).path)
+        except ValueError:
+            return None
+
+    def refused_by_origin(self):
+        """A request with a Host it does not serve (DNS rebinding) or a POST from another
+        site's page is refused with 403; True if so."""
+        hosts = self.headers.get_all("Host") or []
+        name = host_name(hosts[0]) if len(hosts) == 1 else None
+        if not is_allowed_host(name, self.server.allowed_hosts):
+            self.close_connection = True
+            self.refuse(HTTPStatus.FORBIDDEN, f"Host {(hosts or ['(none)'])[0][:100]!r} is not "
+                        "served; open the page as http://localhost or 127.0.0.1 (or list the "
+                        "name with --allowed_hosts)")
+            return True
+        origin = self.headers.get_all("Origin") or []
+        if self.command == "POST" and origin and origin != [f"http://{hosts[0]}"]:
+            self.close_connection = True
+            self.refuse(HTTPStatus.FORBIDDEN, "requests from another site's page are refused")
+            return True
+        return False
 
     def do_GET(self):
-        path = unquote(urlsplit(self.path).path)
-        if path == "/api/config":
+        path = self.url_path()
+        if self.refused_by_origin():
+            return
+        if path is None:
+            self.close_connection = True
+            self.refuse(HTTPStatus.BAD_REQUEST, "the address is not a valid URL path")
+        elif path == "/api/config":
             self.send_body(HTTPStatus.OK, json.dumps(page_config()).encode(), "application/json")
         elif path.startswith("/api/"):
             self.refuse(*self.route_error(path))
@@ -174,41 +344,55 @@ class AppHandler(BaseHTTPRequestHandler):
             self.send_static(path)
 
     def do_POST(self):
-        path = unquote(urlsplit(self.path).path)
+        path = self.url_path()
+        if self.refused_by_origin():
+            return
         if path not in ("/api/translate", "/api/snap"):
             self.close_connection = True  # the unread body must not be read as a request
-            self.refuse(*self.route_error(path))
+            self.refuse(*self.route_error(path or "?"))
             return
         try:
             body = self.read_body()
-            label = decode_label_map(body, self.headers.get("Content-Type"))
+            if not self.server.decodes.acquire(blocking=False):
+                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is busy; try "
+                                   "again in a moment")
+            try:  # decoding and snapping: the memory a request costs, bounded by the cap
+                label = decode_label_map(body, self.headers.get("Content-Type"))
+                snapped = snap_to_palette(label, self.deadline)
+            finally:
+                self.server.decodes.release()
             if path == "/api/snap":  # a dropped file, in exact palette colours for the canvas
-                photo = snap_to_palette(label)
+                photo = snapped
             else:
-                photo = self.server.service.translate(label)
+                photo = self.server.service.translate(snapped, self.deadline)
         except RequestError as e:
             self.refuse(e.status, str(e))
             return
+        except RequestTimeout:
+            raise  # answered 408 by handle_one_request
         except Exception as e:  # noqa: BLE001 (one failed request must not stop the server)
-            self.log_error("translation failed: %r", e)
-            self.refuse(HTTPStatus.INTERNAL_SERVER_ERROR, f"translation failed: {one_line(e)}")
+            self.log_error("translation failed: %r", e)  # the details stay in the server's log
+            self.refuse(HTTPStatus.INTERNAL_SERVER_ERROR, "translation failed; the server's "
+                        "log says why")
             return
         self.send_body(HTTPStatus.OK, encode_png(photo), "image/png")
 
     def do_PUT(self):
         self.close_connection = True
-        self.refuse(*self.route_error(unquote(urlsplit(self.path).path)))
+        if not self.refused_by_origin():
+            self.refuse(*self.route_error(self.url_path() or "?"))
 
     do_DELETE = do_PATCH = do_OPTIONS = do_PUT
 
     def route_error(self, path):
         """(status, message) for a method or path the server does not answer."""
         allowed = {"/api/translate": "POST", "/api/snap": "POST", "/api/config": "GET"}.get(path)
+        shown = path[:100].encode("ascii", "backslashreplace").decode()
         if allowed is None and path.startswith("/api/"):
-            return HTTPStatus.NOT_FOUND, f"unknown address {path}; the API is POST " \
+            return HTTPStatus.NOT_FOUND, f"unknown address {shown}; the API is POST " \
                                          "/api/translate, POST /api/snap and GET /api/config"
         if allowed is None and static_file(path) is None:
-            return HTTPStatus.NOT_FOUND, f"unknown address {path}"
+            return HTTPStatus.NOT_FOUND, f"unknown address {shown}"
         allowed = allowed or "GET"
         return HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} {path}: method not allowed " \
                                               f"(use {allowed})"
@@ -218,14 +402,16 @@ class AppHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted; "
                                "send a Content-Length")
-        length = self.headers.get("Content-Length")
-        if length is None:
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
             self.close_connection = True
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "no Content-Length header")
-        if not length.isdigit():
+        length = lengths[0].strip()
+        # ASCII digits only (str.isdigit takes "²"), a sane count of them, and only one header.
+        if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,15}", length):
             self.close_connection = True
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length {length!r} is not a "
-                               "number")
+            raise RequestError(HTTPStatus.BAD_REQUEST, "Content-Length must be one decimal "
+                               "number of bytes")
         if int(length) > self.server.max_body_bytes:
             self.close_connection = True  # not read: the connection cannot be reused
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -240,7 +426,7 @@ class AppHandler(BaseHTTPRequestHandler):
     def send_static(self, path):
         file = static_file(path)
         if file is None:
-            self.refuse(HTTPStatus.NOT_FOUND, f"unknown address {path}")
+            self.refuse(*self.route_error(path))
             return
         self.send_body(HTTPStatus.OK, file.read_bytes(), STATIC_TYPES[file.suffix])
 
@@ -255,12 +441,16 @@ class AppHandler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        self.send_header("X-Frame-Options", "DENY")
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
             self.send_header("Allow", "POST" if "/api/translate" in self.path
                              or "/api/snap" in self.path else "GET")
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
+        # A client that does not read its answer is dropped after this (sendall's timeout
+        # is the whole send's).
+        self.connection.settimeout(self.server.request_seconds)
         if self.command != "HEAD":
             self.wfile.write(body)
 
@@ -275,6 +465,11 @@ class AppHandler(BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         if self.server.verbose or int(code) >= 400:
             super().log_request(code, size)
+
+    def log_message(self, format, *args):
+        # Request lines and paths come from the client: no control characters in the log.
+        text = (format % args).encode("ascii", "backslashreplace").decode()
+        super().log_message("%s", re.sub(r"[\x00-\x1f\x7f]", "?", text)[:400])
 
 
 # --- Shipped examples -------------------------------------------------------------------------
@@ -307,18 +502,16 @@ def is_loopback(host):
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model_path", default="./checkpoints/generator.pth",
-                        help="generator.pth, latest.pth or an epoch snapshot")
+                        help="generator.pth, latest.pth, an epoch snapshot, a run folder "
+                             "(runs/NAME), or export.py's .safetensors or .onnx")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0: reachable from the network)")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
-                        help="as inference.py's: auto is bf16 autocast where the device "
-                             "computes bf16 natively, else fp32")
-    parser.add_argument("--channels_last", action="store_true",
-                        help="channels-last memory format (faster on CPUs)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the generator: a slower start, faster photos")
+    parser.add_argument("--allowed_hosts", nargs="+", default=[], metavar="NAME",
+                        help="host names the page may be opened by besides localhost and "
+                             "loopback addresses (with --host 0.0.0.0: this machine's names "
+                             "on the network); others are refused (DNS rebinding)")
+    runtime.add_inference_speed_flags(parser)
     parser.add_argument("--verbose", action="store_true", help="log every request")
     parser.add_argument("--write_examples", action="store_true",
                         help=f"(re)write the example label maps in {EXAMPLES_DIR} and exit")
@@ -331,19 +524,25 @@ def parse(argv=None):
 def require_checkpoint(model_path):
     if not Path(model_path).exists():
         raise UserError(f"{model_path}: checkpoint not found; train one with "
-                        "`python train.py --demo` (a few minutes on a CPU) or pass --model_path")
+                        "`python train.py --demo` (about 20 min on 2 CPU cores) or pass --model_path")
 
 
-def load_service(model_path, device, precision="auto", channels_last=False, compile=False):
+def load_service(model_path, device, precision="auto", channels_last="auto", compile=False):
     """A warmed-up PhotoService on the checkpoint, through inference.py's loading and
     translation code."""
-    from inference import Translator, load_generator, optimize_generator
+    from inference import Translator, load_generator, optimize_generator, runs_in_pytorch
 
     require_checkpoint(model_path)
     precision, why = runtime.resolve_precision(precision, device)
     runtime.set_math_mode(device, precision)
     generator, config = load_generator(model_path, device)
-    print(f"device {device}, precision {precision} ({why})", flush=True)
+    in_pytorch = runs_in_pytorch(generator, model_path, compile=compile)
+    if not in_pytorch:
+        precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
+    channels_last = in_pytorch and runtime.resolve_channels_last(channels_last, device,
+                                                                 precision)
+    print(f"device {device}, precision {precision} ({why})"
+          f"{', channels_last' if channels_last else ''}", flush=True)
     if config.get("direction", "label2photo") != "label2photo":
         raise UserError(f"{model_path}: the model translates photos to label maps; the page "
                         "needs a label2photo model")
@@ -368,7 +567,8 @@ def main(argv=None):
     device = choose_device(args.device)
     require_checkpoint(args.model_path)  # before binding and loading: one line, at once
     try:  # bound before the model loads: a busy port fails at once
-        server = AppServer((args.host, args.port), None, verbose=args.verbose)
+        server = AppServer((args.host, args.port), None, verbose=args.verbose,
+                           allowed_hosts=args.allowed_hosts)
     except OSError as e:
         raise UserError(f"--host {args.host} --port {args.port}: cannot listen there "
                         f"({e.strerror or e}); pick another --port") from None
@@ -380,7 +580,9 @@ def main(argv=None):
             host, port = server.server_address[:2]
             if not is_loopback(args.host):
                 print(f"warning: --host {args.host}: the model is reachable from the network; "
-                      "anyone who can reach this machine can use it", file=sys.stderr)
+                      "anyone who can reach this machine can use it (it answers only to the "
+                      "host names given with --allowed_hosts, and loopback ones)",
+                      file=sys.stderr)
             shown = f"[{host}]" if ":" in host else host
             print(f"serving on http://{shown}:{port}/ (Ctrl-C to stop)", flush=True)
             server.serve_forever()

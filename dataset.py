@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from cityscapes import MAX_COLOR_DISTANCE, nearest_colors
 from labelmaps import LABEL_FORMATS, colorize_ids, detect_label_side, split_halves
@@ -49,6 +47,13 @@ class PairFiles:
 
 # --- Reading images -------------------------------------------------------------------------
 
+def decode(image):
+    """An opened PIL image, decoded and turned as its EXIF orientation says (as viewers show
+    it): the one decoding step of inference, training and the page."""
+    image.load()
+    return ImageOps.exif_transpose(image)
+
+
 def read_rgb(path, role="image", label_format="auto"):
     """Decode an image file to a (H, W, 3) uint8 array; `role` names it in error messages.
 
@@ -59,8 +64,7 @@ def read_rgb(path, role="image", label_format="auto"):
     path = Path(path)
     try:
         with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
+            image = decode(image)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except UnidentifiedImageError:
@@ -113,7 +117,9 @@ def list_images(folder):
 
 
 def _natural_key(path):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+    # ASCII digits only: "²" is a digit to str.isdigit and to \d, not to int().
+    return [int(t) if t.isascii() and t.isdigit() else t
+            for t in re.split(r"([0-9]+)", path.name)]
 
 
 def detect_layout(images):
@@ -210,6 +216,9 @@ class PairDataset(Dataset):
         self.label_format = label_format
         self.direction = direction
         self.seed = seed
+        # torchvision (its import pulls in torch's compiler, ~1 s) only where pairs are loaded:
+        # inference and the page, which read single images, start without it.
+        from torchvision.transforms import v2
         first_size = (load_size, load_size) if train and crop else (image_size, image_size)
         # The deterministic first stage; its result is what `cache` keeps in memory.
         self.resize = v2.Resize(first_size, interpolation=v2.InterpolationMode.BICUBIC,
@@ -231,6 +240,7 @@ class PairDataset(Dataset):
         return len(self.pairs)
 
     def _load_resized(self, index):
+        from torchvision import tv_tensors
         label, photo = load_pair(self.pairs[index], self.label_format)
         # A Mask is resized with nearest neighbour by torchvision, so label colours stay exact;
         # giving both images in one call applies one random draw to both.

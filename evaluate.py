@@ -28,6 +28,8 @@ first 19 channels are the Cityscapes train IDs (a dict output: its "out"). Photo
 --seg_input_range, then normalised by (x - mean) / std in those units. Its predictions on the
 generated photos are compared with the input label maps decoded to train IDs
 (cityscapes.decode_train_ids), summed over the set; see metrics.segmentation_scores.
+NOTE: a TorchScript file is a program: loading it runs its code (unlike checkpoints, which load
+with weights_only=True). Use only --seg_model files from a source you trust.
 """
 
 import argparse
@@ -73,9 +75,16 @@ def load_real_stats(path, names):
         with np.load(path, allow_pickle=False) as saved:
             features, digest, how = (saved[k] for k in ("features", "names_sha1",
                                                         "preprocessing"))
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 (an empty, foreign or damaged file fails many ways)
+        reason = "empty file" if path.is_file() and not path.stat().st_size else \
+            one_line(e)[:100] or type(e).__name__
         raise UserError(f"{path}: not a real-statistics file of evaluate.py "
-                        f"({one_line(e)[:100]}); delete it or pass another --real_stats") from None
+                        f"({reason}); delete it or pass another --real_stats") from None
+    if features.ndim != 2 or features.dtype.kind != "f" or len(features) < 2 or \
+            not np.isfinite(features).all():
+        raise UserError(f"{path}: its features are not a finite (images, features) array "
+                        f"(a {features.dtype} array of shape {features.shape}); delete it or "
+                        "pass another --real_stats")
     if (str(how), str(digest)) != (metrics.INCEPTION_PREPROCESSING, names_digest(names)):
         raise UserError(f"{path}: computed from other real images than these {len(names)} (or "
                         "preprocessed otherwise); delete it or pass another --real_stats")
@@ -261,7 +270,9 @@ def parse(argv=None):
     parser.add_argument("--real_stats", metavar="FILE.npz",
                         help="real photos' Inception features: read if it exists, else saved")
     seg = parser.add_argument_group("FCN-score")
-    seg.add_argument("--seg_model", metavar="FILE", help="TorchScript segmentation network")
+    seg.add_argument("--seg_model", metavar="FILE",
+                     help="TorchScript segmentation network. NOTE: loading TorchScript runs the "
+                          "code inside the file: use only files from a source you trust")
     seg.add_argument("--seg_input_range", default="0-1", choices=tuple(SEG_INPUT_SCALES))
     seg.add_argument("--seg_mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
     seg.add_argument("--seg_std", type=float, nargs=3, default=[0.229, 0.224, 0.225])

@@ -4,45 +4,160 @@
         --model_path ./checkpoints/generator.pth
 
 The checkpoint carries the run's configuration, so no architecture flags are needed.
+--model_path also takes a run folder (runs/NAME) and export.py's .safetensors and .onnx files:
+every script that loads a generator does it through load_generator here.
 """
 
 import argparse
 import collections
 import contextlib
+import errno
+import importlib
+import json
+import os
 import sys
+import tempfile
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 import runtime as rt
+from config import check_model_values
+from config import saved as saved_config
 from dataset import IMAGE_SUFFIXES, LABEL_SIDES, PAIR_NAME, read_rgb
 from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
 from models import ModelConfig, build_generator
-from utils import (UserError, atomic_write, choose_device, load_checkpoint, load_state,
-                   make_folder, run_cli, to_uint8, to_unit_range)
+from utils import (EXPORT_FORMAT, UserError, WriteError, atomic_write, choose_device,
+                   load_checkpoint, load_state, make_folder, one_line, run_cli, run_file,
+                   to_uint8, to_unit_range)
 
 INPUT_LAYOUTS = ("auto", "labels", "side_by_side", "paired")
 
 
+# --- Loading: a checkpoint, a run folder or an exported file -----------------------------------
+
+ONNX_INPUT, ONNX_OUTPUT = "label", "photo"  # the names export.py gives the graph's ends
+
+
 def load_generator(path, device="cpu"):
-    """(generator in eval mode, the checkpoint's configuration dict) from generator.pth or
-    latest.pth."""
-    checkpoint = load_checkpoint(path)
-    config = checkpoint.get("config")
-    try:
-        model_config = ModelConfig.from_dict(config["model"])
-    except (TypeError, KeyError, ValueError) as e:
-        raise UserError(f"{path}: the checkpoint's configuration is unreadable ({e})") from None
-    if not isinstance(checkpoint.get("generator"), dict):
+    """(generator, the run's configuration dict) from whatever --model_path names:
+    generator.pth, latest.pth or an epoch snapshot; a run folder (runs/NAME: its
+    generator.pth); export.py's .safetensors (an nn.Module again, in eval mode) or .onnx
+    (an OnnxGenerator: onnxruntime runs it, in fp32)."""
+    path = run_file(path, "generator.pth")
+    suffix = path.suffix.lower()
+    if suffix in (".onnx", ".safetensors") and not path.is_file():
+        raise UserError(f"{path}: file not found")
+    if suffix == ".onnx":
+        return load_onnx(path, device)
+    if suffix == ".pt2":
+        raise UserError(f"{path}: a torch.export program, for AOTInductor and other PyTorch "
+                        "runtimes (torch.export.load); --model_path takes .pth, .safetensors "
+                        "or .onnx")
+    if suffix == ".safetensors":
+        state_dict, config = read_safetensors(path)
+    else:
+        checkpoint = load_checkpoint(path)
+        state_dict, config = checkpoint.get("generator"), checkpoint.get("config")
+    if not isinstance(config, dict) or "model" not in config:
+        raise UserError(f"{path}: the checkpoint's configuration is missing or unreadable")
+    # Data, not trusted: checked as the command line's values are, before anything is built.
+    model_config = saved_config(path, check_model_values, config["model"])
+    if not isinstance(state_dict, dict):
         raise UserError(f"{path}: the checkpoint holds no generator weights")
     generator = build_generator(model_config)
-    load_state(generator, checkpoint["generator"], path, "generator")
+    load_state(generator, state_dict, path, "generator")
     return generator.to(device).eval(), config
+
+
+def optional_module(name, path):
+    """import `name`, or a one-line error saying what to install to read `path`."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{path}: reading it needs the {name} package: pip install -r "
+                        "requirements-extras.txt") from None
+
+
+def exported_config(metadata, path):
+    """The run's configuration dict from an exported file's metadata (export.py writes it)."""
+    if (metadata or {}).get("format") != EXPORT_FORMAT:
+        raise UserError(f"{path}: not a pix2pix generator exported by export.py (no "
+                        f"'format: {EXPORT_FORMAT}' in its metadata)")
+    try:
+        config = json.loads(metadata["config"])
+        ModelConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: the configuration in its metadata is unreadable "
+                        f"({type(e).__name__}: {one_line(e)[:120]})") from None
+    return config
+
+
+def read_safetensors(path):
+    """(state dict, configuration) of export.py's .safetensors: no pickle involved."""
+    safetensors = optional_module("safetensors", path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata()
+            state_dict = {key: file.get_tensor(key) for key in file.keys()}
+    except Exception as e:  # noqa: BLE001 (corrupt headers fail in several ways)
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                        f"{one_line(e)[:120]})") from None
+    return state_dict, exported_config(metadata, path)
+
+
+class OnnxGenerator:
+    """An exported .onnx generator behind the call a PyTorch one has: (B, 3, H, W) float
+    tensor in [-1, 1] -> photo tensor, H and W multiples of 2^depth (Translator pads to them).
+    onnxruntime computes in fp32 on the CPU, or on CUDA where its CUDA provider is installed."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def __call__(self, label):
+        array = np.ascontiguousarray(label.detach().float().cpu().numpy())
+        (photo,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: array})
+        return torch.from_numpy(photo).to(label.device)
+
+
+def load_onnx(path, device="cpu"):
+    """(OnnxGenerator, configuration) of export.py's .onnx."""
+    ort = optional_module("onnxruntime", path)
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda" and \
+            "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings are not the user's concern
+    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as PyTorch's
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
+        raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__}: "
+                        f"{one_line(e)[:120]})") from None
+    config = exported_config(session.get_modelmeta().custom_metadata_map, path)
+    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    if names != ([ONNX_INPUT], [ONNX_OUTPUT]):
+        raise UserError(f"{path}: expected one input {ONNX_INPUT!r} and one output "
+                        f"{ONNX_OUTPUT!r}, found {names[0]} and {names[1]}")
+    return OnnxGenerator(session), config
+
+
+def runs_in_pytorch(generator, path, paper_test_mode=False, compile=False):
+    """Refuse the options that need an nn.Module when `generator` is an ONNX graph."""
+    if isinstance(generator, torch.nn.Module):
+        return True
+    for flag, given in (("--paper_test_mode", paper_test_mode), ("--compile", compile)):
+        if given:
+            raise UserError(f"{path}: {flag} needs a PyTorch generator (.pth or .safetensors);"
+                            " an .onnx graph is fixed in evaluation mode")
+    return False
 
 
 class Translator:
@@ -167,12 +282,52 @@ def input_half(array, label_side, input_is_label, path=""):
     return label if input_is_label else photo
 
 
-def output_paths(files, output_dir):
-    """One PNG per input, named after it (`1.jpg` -> `1.png`); clashing stems keep the
-    suffix (`a.jpg.png`)."""
-    stems = [p.stem for p in files]
-    return [Path(output_dir) / (f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.name}.png")
-            for p in files]
+def output_paths(files, output_dir, case_sensitive=None):
+    """One PNG per input, named after it (`1.jpg` -> `1.png`); inputs whose names would collide
+    (`x.jpg`, `x.png`, `x.jpg.png`) keep their whole name (`x.jpg.png`, `x.png.png`,
+    `x.jpg.png.png`). Names that differ only in case count as colliding where the output
+    folder ignores case (`case_sensitive=None`: tested on the folder); what still collides
+    is refused before the first image, naming both inputs."""
+    output_dir = Path(output_dir)
+    if case_sensitive is None:
+        case_sensitive = folder_is_case_sensitive(output_dir)
+    key = (lambda name: name) if case_sensitive else str.casefold
+    names = [f"{p.stem}.png" for p in files]
+    while True:  # a name that takes the whole input name can clash anew: until none does
+        seen = collections.Counter(n.casefold() for n in names)
+        clashing = [i for i, n in enumerate(names) if seen[n.casefold()] > 1
+                    and n != f"{files[i].name}.png"]
+        if not clashing:
+            break
+        for i in clashing:
+            names[i] = f"{files[i].name}.png"
+    owners = {}
+    for path, name in zip(files, names):
+        if key(name) in owners:
+            raise UserError(f"{owners[key(name)]} and {path}: both would be written to "
+                            f"{output_dir / name} (names that differ only in case); rename one")
+        owners[key(name)] = path
+    return [output_dir / name for name in names]
+
+
+def folder_is_case_sensitive(folder):
+    """Whether names differing only in case are different files in `folder` (a probe file)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pix2pix-Case-", dir=folder)
+    except OSError:  # not there or not writable: the writes themselves will say so
+        return True
+    os.close(fd)
+    try:
+        return not Path(probe).with_name(Path(probe).name.swapcase()).exists()
+    finally:
+        os.unlink(probe)
+
+
+def refuse_input_folder(input_dir, output_dir):
+    """Outputs named after their inputs would replace them (`x.png` -> `x.png`)."""
+    if Path(output_dir).exists() and Path(output_dir).resolve() == Path(input_dir).resolve():
+        raise UserError(f"{output_dir}: is the input folder; the photos would replace the label "
+                        "maps they are made from; pass another --output_dir")
 
 
 # --- Speed: a faster generator, and file work overlapped with it ------------------------------
@@ -181,6 +336,8 @@ def optimize_generator(generator, channels_last=False, compile=False, freeze=Tru
     """Channels-last weights, and torch.compile; with `freeze` (eval mode only) the compiler
     treats the weights as constants: batch norm is folded into the convolutions and weights
     are packed once instead of at every call."""
+    if not isinstance(generator, torch.nn.Module):  # an OnnxGenerator: onnxruntime's own
+        return generator
     if channels_last:
         generator = generator.to(memory_format=torch.channels_last)
     if compile:
@@ -225,9 +382,9 @@ def parse(argv=None):
     parser.add_argument("--input_dir", required=True, help="folder of label maps")
     parser.add_argument("--output_dir", required=True, help="where the PNGs go")
     parser.add_argument("--model_path", default="./checkpoints/generator.pth",
-                        help="generator.pth, latest.pth or an epoch snapshot")
+                        help="generator.pth, latest.pth, an epoch snapshot, a run folder "
+                             "(runs/NAME), or export.py's .safetensors or .onnx")
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--native", action="store_true",
                         help="translate at the input's own resolution (no scaling)")
     parser.add_argument("--paper_test_mode", action="store_true",
@@ -239,15 +396,7 @@ def parse(argv=None):
     parser.add_argument("--label_format", default="auto", choices=LABEL_FORMATS,
                         help="colour label maps, or single-channel Cityscapes label_ids / "
                              "train_ids maps (auto: told apart by their values)")
-    parser.add_argument("--precision", default="auto", choices=rt.PRECISIONS,
-                        help="auto: bf16 autocast where the device computes bf16 natively, "
-                             "else fp32; fp32 (strict: no TF32, as in training), tf32 (CUDA), "
-                             "bf16, fp16 (CUDA)")
-    parser.add_argument("--channels_last", action="store_true",
-                        help="channels-last memory format")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the generator (start-up cost: pays off on large "
-                             "folders)")
+    rt.add_inference_speed_flags(parser)
     parser.add_argument("--io_threads", type=int, default=2,
                         help="threads decoding inputs and writing PNGs while the generator "
                              "runs; 0: one after another")
@@ -272,12 +421,20 @@ def main(argv=None):
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a folder (--output_dir)")
     generator, config = load_generator(args.model_path, device)
-    print(f"device {device}, precision {precision} ({why})")
+    in_pytorch = runs_in_pytorch(generator, args.model_path, args.paper_test_mode, args.compile)
+    if not in_pytorch:
+        precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
+    channels_last = in_pytorch and rt.resolve_channels_last(args.channels_last, device,
+                                                            precision)
+    print(f"device {device}, precision {precision} ({why})"
+          f"{', channels_last' if channels_last else ''}")
+    refuse_input_folder(args.input_dir, output_dir)
     make_folder(output_dir, "output_dir")  # fail before translating, not at the first write
-    generator = optimize_generator(generator, args.channels_last, args.compile,
+    targets = output_paths(files, output_dir)  # collisions refused before the first image
+    generator = optimize_generator(generator, channels_last, args.compile,
                                    freeze=not args.paper_test_mode)
     translator = Translator(generator, config, device, args.native, args.paper_test_mode,
-                            precision, args.channels_last)
+                            precision, channels_last)
     pairs, label_side, evidence = find_side_by_side(files, args.input_layout, layout,
                                                     args.label_side)
     if pairs:
@@ -293,8 +450,7 @@ def main(argv=None):
         role = "label map" if translator.input_is_label else "image"
         return read_rgb(path, role, args.label_format)
 
-    failures = 0
-    targets = output_paths(files, output_dir)
+    failures = unwritten = 0
     window = 2 * args.batch_size  # images decoded ahead, and PNGs waiting to be written
     # Decoding and writing run in threads while the generator runs (--io_threads).
     threads = ThreadPoolExecutor(args.io_threads) if args.io_threads else contextlib.nullcontext()
@@ -308,22 +464,36 @@ def main(argv=None):
                     batch.append(loading.result())
                 except UserError as e:
                     # On a line of its own, not the progress bar's.
-                    tqdm.write(f"error: {e}", file=sys.stderr)
+                    tqdm.write(f"error: {one_line(e)}", file=sys.stderr)
                     failures += 1
                     continue
                 names.append(target)
             for array, target in zip(translator.translate(batch) if batch else [], names):
                 writes.append(run_in(pool, write_png, target, array, args.png_compression))
             while len(writes) > window:
-                writes.popleft().result()  # a failed write stops the run here
+                unwritten += not wrote(writes.popleft())
             bar.update(min(args.batch_size, len(files) - start))
-        for writing in writes:
-            writing.result()
-    written = len(files) - failures
+        while writes:
+            unwritten += not wrote(writes.popleft())
+    written = len(files) - failures - unwritten
     print(f"wrote {written} image(s) to {output_dir}" +
-          (f"; {failures} could not be read" if failures else ""))
-    if failures:
+          (f"; {failures} could not be read" if failures else "") +
+          (f"; {unwritten} could not be written" if unwritten else ""))
+    if failures or unwritten:
         sys.exit(1)
+
+
+def wrote(writing):
+    """Whether a PNG write succeeded; a failed one is reported on a line of its own and the
+    others go on, except on a full disk, which stops the run (no other write would succeed)."""
+    try:
+        writing.result()
+    except WriteError as e:
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        tqdm.write(f"error: {one_line(e)}", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -48,7 +48,10 @@ class PaletteOneHot(nn.Module):
         colours = ((label.float() + 1) * 127.5).round()
         distances = torch.stack([(colours - c[None, :, None, None]).square().sum(1)
                                  for c in self.palette], dim=1)
-        return F.one_hot(distances.argmin(1), self.channels).permute(0, 3, 1, 2).to(label.dtype)
+        # NOTE: contiguous, not the permuted (channels-last) strides: with those torch.export
+        # (export.py) cannot allow a batch of one.
+        one_hot = F.one_hot(distances.argmin(1), self.channels).permute(0, 3, 1, 2)
+        return one_hot.contiguous().to(label.dtype)
 
 
 def label_encoding(label_input):
@@ -59,11 +62,68 @@ def _transposed_conv(c_in, c_out, bias):
     return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=bias)
 
 
+# Along one axis, "nearest 2x, then taps (w0, w1, w2)" equals a stride-2 transposed convolution
+# with taps (w2, w1 + w2, w0 + w1, w0): output 2i sees the upsampled pixels 2i-1, 2i, 2i+1, that
+# is inputs i-1, i, i; output 2i+1 sees inputs i, i, i+1; and a transposed convolution (stride 2,
+# padding 1) sends input i to output 2i-1+k with tap k. Rows: the 4 taps; columns: the 3.
+_FOLD_1D = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+
+
+def fold_resize_kernel(weight):
+    """The 3x3 kernel of "nearest 2x, then a 3x3 convolution (padding 1)" as the 4x4 kernel of
+    the stride-2 transposed convolution (padding 1) that computes the same function:
+    (C_out, C_in, 3, 3) -> (C_in, C_out, 4, 4). One small matrix product, kept in the weight's
+    own dtype under autocast (the convolution rounds the folded sums once, not each tap)."""
+    fold_1d = torch.tensor(_FOLD_1D, dtype=weight.dtype, device=weight.device)
+    fold_2d = torch.kron(fold_1d, fold_1d)  # (16, 9)
+    c_out, c_in = weight.shape[:2]
+    with torch.autocast(weight.device.type, enabled=False):
+        folded = weight.transpose(0, 1).reshape(c_in * c_out, 9) @ fold_2d.t()
+    return folded.view(c_in, c_out, 4, 4)
+
+
+class ResizeConv2d(nn.Module):
+    """Odena et al. 2016: nearest 2x upsampling then a 3x3 convolution. Every output pixel sees
+    the same number of input pixels, so there is no checkerboard for the network to unlearn.
+
+    The 3x3 convolution `conv` holds the parameters (state-dict keys `conv.weight`,
+    `conv.bias`), but the forward pass runs it as a 4x4 stride-2 transposed convolution with
+    the folded kernel (`fold_resize_kernel`): the same function for 16 instead of 36
+    multiply-adds per input pixel and channel pair (2.25x fewer), and no upsampled copy of the
+    input. Below `min_folded_area` input pixels the plain computation runs instead: there the
+    work is the weights' and the transposed convolution's kernels are slower (measured on CPU;
+    docs/performance.md). `min_folded_area = None` always computes it the plain way.
+    """
+
+    min_folded_area = 16  # inputs of 4x4 and more; at 256x256 the U-Net's 1x1 and 2x2 stay plain
+
+    def __init__(self, c_in, c_out, bias):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
+        self._folded = None  # (weight's identity and version, its folded kernel): no-grad use
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, 2H, 2W)
+        # A traced graph (torch.compile, export) takes one path for every size: the folded.
+        small = not torch.compiler.is_compiling() and \
+            x.shape[-2] * x.shape[-1] < (self.min_folded_area or 0)
+        if self.min_folded_area is None or small:
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return F.conv_transpose2d(x, self.folded_kernel(), self.conv.bias, stride=2, padding=1)
+
+    def folded_kernel(self):
+        """The folded kernel; without gradients (inference, validation) folded once and kept
+        until the weight changes, so translating costs only the convolutions."""
+        weight = self.conv.weight
+        if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+            return fold_resize_kernel(weight)  # (a compiled graph folds constants itself)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._folded is None or self._folded[0] != key:
+            self._folded = (key, fold_resize_kernel(weight.detach()))
+        return self._folded[1]
+
+
 def _resize_conv(c_in, c_out, bias):
-    # Odena et al. 2016: nearest 2x then a 3x3 convolution; every output pixel sees the same
-    # number of input pixels, so there is no checkerboard for the network to unlearn.
-    return nn.Sequential(OrderedDict(resize=nn.Upsample(scale_factor=2, mode="nearest"),
-                                     conv=nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)))
+    return ResizeConv2d(c_in, c_out, bias)
 
 
 UPSAMPLES = {"transposed": _transposed_conv, "resize": _resize_conv}
@@ -261,18 +321,26 @@ class PatchDiscriminator(nn.Module):
                 if isinstance(layer, nn.Conv2d):
                     nn.utils.parametrizations.spectral_norm(layer)
 
-    def forward(self, label, photo, return_features=False):
+    def forward(self, label, photo, return_features=False, passes=1):
         """(B, C1, H, W), (B, C2, H, W) -> (B, 1, h, w) logits; with `return_features`,
-        (logits, [the output of each LeakyReLU]): what feature matching compares."""
+        (logits, [the output of each LeakyReLU]): what feature matching compares.
+
+        `passes` > 1: the batch is that many equal batches stacked (real pairs, then fake ones)
+        that go through the convolutions together, in larger matrix products, while each
+        normalisation layer takes each one's statistics on its own: the logits of separate
+        passes. (Spectral norm's power iteration then runs once for all of them.)"""
         x = torch.cat([self.label_encoding(label), photo], dim=1) if self.conditional else photo
-        if not return_features:
+        if not return_features and passes == 1:
             return self.layers(x)
         features = []
         for layer in self.layers:
-            x = layer(x)
+            if passes > 1 and isinstance(layer, nn.modules.batchnorm._NormBase):
+                x = torch.cat([layer(part) for part in x.chunk(passes)])
+            else:
+                x = layer(x)
             if isinstance(layer, nn.LeakyReLU):
                 features.append(x)
-        return x, features
+        return (x, features) if return_features else x
 
 
 class MultiScaleDiscriminator(nn.Module):
@@ -285,13 +353,21 @@ class MultiScaleDiscriminator(nn.Module):
         for k in range(1, scales + 1):
             self.add_module(f"scale{k}", PatchDiscriminator(**patch_options))
 
-    def forward(self, label, photo, return_features=False):
+    def forward(self, label, photo, return_features=False, passes=1):
         outputs = []
         for k, discriminator in enumerate(self.children()):
             if k:
                 label, photo = F.avg_pool2d(label, 2), F.avg_pool2d(photo, 2)
-            outputs.append(discriminator(label, photo, return_features))
+            outputs.append(discriminator(label, photo, return_features, passes))
         return outputs
+
+
+def split_passes(logits, passes=2):
+    """A discriminator's logits of stacked passes (`passes=`) -> one output per pass, each a
+    grid or, from a multi-scale D, a list of grids."""
+    if isinstance(logits, list):
+        return [list(grids) for grids in zip(*(split_passes(grid, passes) for grid in logits))]
+    return logits.chunk(passes)
 
 
 def per_scale(output):

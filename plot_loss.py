@@ -19,6 +19,9 @@ PANELS = (  # the GAN terms share a scale; L1 (before lambda) gets its own panel
 )
 
 
+VALIDATION = ("val_l1", "val_psnr", "val_fid")
+
+
 def read_log(path):
     path = Path(path)
     if not path.is_file():
@@ -31,7 +34,36 @@ def read_log(path):
         raise UserError(f"{path}: not a pix2pix training log (no 'steps' list)")
     if not document["steps"]:
         raise UserError(f"{path}: the log has no step entries yet")
+    check_entries(path, document)
     return document
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_entries(path, document):
+    """Every entry a dict with a numeric step (epoch) and numeric values where numbers go:
+    a log edited by hand or written by another program is named, not plotted into a
+    traceback."""
+    epochs = document.get("epochs", [])
+    if not isinstance(epochs, list):
+        raise UserError(f"{path}: 'epochs' is a {type(epochs).__name__}, not a list")
+    numeric = {key for _, series in PANELS for key, _ in series} | set(VALIDATION)
+    for kind, entries, counter in (("steps", document["steps"], "step"),
+                                   ("epochs", epochs, "epoch")):
+        for index, entry in enumerate(entries):
+            where = f"{path}: {kind}[{index}]"
+            if not isinstance(entry, dict):
+                raise UserError(f"{where} is a {type(entry).__name__}, not an entry of the "
+                                "log's format")
+            if not is_number(entry.get(counter)):
+                raise UserError(f"{where} has no numeric '{counter}' "
+                                f"(got {str(entry.get(counter))[:40]!r})")
+            bad = [k for k in numeric if k in entry and not is_number(entry[k])]
+            if bad:
+                raise UserError(f"{where}: '{bad[0]}' is not a number "
+                                f"({str(entry[bad[0]])[:40]!r})")
 
 
 def smooth(values, window):
@@ -52,7 +84,7 @@ def plot(document, output, window=1):
 
     steps = [entry["step"] for entry in document["steps"]]
     epochs = document.get("epochs", [])
-    metrics = [k for k in ("val_l1", "val_psnr", "val_fid") if any(k in e for e in epochs)]
+    metrics = [k for k in VALIDATION if any(k in e for e in epochs)]
     columns = len(PANELS) + len(metrics)
     figure, axes = plt.subplots(1, columns, figsize=(4.5 * columns, 3.6), squeeze=False)
     for ax, (title, series) in zip(axes[0], PANELS):

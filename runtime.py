@@ -6,6 +6,7 @@ process or in many (`torchrun --nproc_per_node=N train.py ...`). inference.py us
 precision rules (`PRECISIONS`, `resolve_precision`, `set_math_mode`, `autocast`).
 """
 
+import argparse
 import contextlib
 import os
 import signal
@@ -76,6 +77,53 @@ def autocast(device, precision):
     return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
 
 
+# --- Memory format --------------------------------------------------------------------------
+
+CHANNELS_LAST_CHOICES = ("auto", "on", "off")
+CHANNELS_LAST_PRECISIONS = ("bf16", "fp16")  # where `auto` turns it on, on CUDA
+
+
+def resolve_channels_last(setting, device, precision):
+    """Whether to run channels-last: `on`/`off` as asked (a bool, from callers, counts as
+    on/off); `auto`: on CUDA where the decided precision is bf16 or fp16 (the layout cuDNN's
+    tensor-core kernels take without reordering), off on the CPU, where it was measured no
+    faster in training and slower in inference for the default generator (docs/performance.md;
+    its transposed convolutions have no faster channels-last kernel in oneDNN)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting not in CHANNELS_LAST_CHOICES:
+        raise UserError(f"--channels_last {setting!r}: choose one of "
+                        f"{', '.join(CHANNELS_LAST_CHOICES)}")
+    if setting != "auto":
+        return setting == "on"
+    return torch.device(device).type == "cuda" and precision in CHANNELS_LAST_PRECISIONS
+
+
+def add_channels_last_flag(parser):
+    """`--channels_last [auto|on|off]` (alone: on) and `--no_channels_last`, default auto."""
+    parser.add_argument("--channels_last", nargs="?", const="on", default="auto",
+                        choices=CHANNELS_LAST_CHOICES,
+                        help="channels-last memory format; auto (default): on where the "
+                             "precision is bf16 or fp16")
+    parser.add_argument("--no_channels_last", dest="channels_last", action="store_const",
+                        const="off", help=argparse.SUPPRESS)
+
+
+def add_inference_speed_flags(parser):
+    """The flags that decide how a loaded generator runs, the same for inference.py and app.py:
+    `--device`, `--precision`, `--channels_last` and `--compile`."""
+    parser.add_argument("--device", default="auto",
+                        help="auto: CUDA, then Apple MPS, then the CPU; or cpu, cuda:1, ...")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 autocast where the device computes bf16 natively, "
+                             "else fp32; fp32 (strict: no TF32, as in training), tf32 (CUDA), "
+                             "bf16, fp16 (CUDA)")
+    add_channels_last_flag(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the generator: a slower start, faster photos (pays "
+                             "off on large folders and long sessions)")
+
+
 # --- The runtime ----------------------------------------------------------------------------
 
 @dataclass
@@ -133,12 +181,13 @@ def setup(config):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     set_math_mode(device, precision)
-    runtime = Runtime(device=device, precision=precision, channels_last=config.channels_last,
+    channels_last = resolve_channels_last(config.channels_last, device, precision)
+    runtime = Runtime(device=device, precision=precision, channels_last=channels_last,
                       batch_size=config.batch_size, checkpoint_dir=Path(config.checkpoint_dir),
                       rank=rank, world_size=world_size, local_rank=local_rank)
     if runtime.is_main:
         print(f"device {device}, precision {precision} ({why})"
-              f"{', channels_last' if config.channels_last else ''}"
+              f"{', channels_last' if channels_last else ''}"
               f"{', compiled' if config.compile else ''}"
               f"{f', {world_size} processes' if distributed else ''}")
     return runtime
@@ -328,8 +377,18 @@ def build_train_loader(config, runtime):
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
                         num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=runtime.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(config.seed))
+                        generator=torch.Generator().manual_seed(config.seed),
+                        worker_init_fn=ignore_stop_signals if workers else None)
     return loader, sampler
+
+
+def ignore_stop_signals(worker_id):
+    """In a loader worker: Ctrl-C and SIGTERM are the main process's to handle (it finishes the
+    step, saves and stops the workers). A forked worker inherits the main process's handler;
+    one started by spawn or forkserver (macOS; Linux from Python 3.14) would die of the signal,
+    and the main process would fail with "worker exited unexpectedly" instead of saving."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def build_val_dataset(config, runtime, train_dataset):

@@ -1,7 +1,7 @@
 """Train pix2pix: conditional GAN loss + lambda * L1, PatchGAN discriminator, U-Net generator.
 
     python train.py --data_dir ./dataset --epochs 50 --batch_size 4 --lr 2e-4
-    python train.py --demo                      # synthetic street scenes, a few minutes on a CPU
+    python train.py --demo                      # synthetic street scenes, ~20 min on 2 CPU cores
     python train.py --resume checkpoints/latest.pth
     torchrun --nproc_per_node=4 train.py ...    # one process per GPU (DDP)
 
@@ -10,6 +10,7 @@ loop (`train`), whose one step counter drives one maintenance block (log, valida
 checkpoints, stop).
 """
 
+import contextlib
 import signal
 import sys
 import time
@@ -23,12 +24,14 @@ from tqdm import tqdm
 import metrics
 import runtime as rt
 from cityscapes import IGNORE_ID, LABELS, MAX_COLOR_DISTANCE, PALETTE
-from config import TrainConfig, apply_preset, build_parser, merge_for_resume
-from models import build_discriminator, build_generator, per_scale
+from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_for_resume,
+                    run_paths)
+from models import build_discriminator, build_generator, per_scale, split_passes
 from training_state import (LOSS_NAMES, CheckpointWriter, GeneratorEMA, LossMeter, Progress,
-                            RunLog, claim_outputs, describe_epoch, load_resume_state,
-                            restore_training_state, save_checkpoints, save_sample_grid)
-from utils import UserError, make_folder, psnr, run_cli
+                            RunLock, RunLog, claim_outputs, describe_epoch, load_resume_state,
+                            outputs_in_data, restore_training_state, resume_command,
+                            save_checkpoints, save_sample_grid)
+from utils import UserError, make_folder, one_line, psnr, run_cli, run_file
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
 
@@ -187,16 +190,19 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     """One pix2pix update of D, then G. Returns the losses (g_adv, g_l1, d_real, d_fake) as one
     tensor on the device, unread: reading it would make the CPU wait for the GPU."""
     generator_optimizer, discriminator_optimizer = optimizers
-    classes = layout_classes(source) if config.gan_loss == "oasis" else None
+    # OASIS: the label map's classes are D's and G's targets (passed only then, as a keyword).
+    layout = {"classes": layout_classes(source)} if config.gan_loss == "oasis" else {}
     with runtime.autocast():
         fake = nets.generator_step(source)
 
-    # The discriminator: (label, real) against (label, fake), the fake detached.
+    # The discriminator: (label, real) against (label, fake), the fake detached, in one pass
+    # over both batches (batch norm keeps each one's statistics, as two passes would).
     nets.discriminator.requires_grad_(True)
     with runtime.autocast():  # a multi-scale D gives a list of logit grids: gan_loss takes both
-        d_loss, d_real, d_fake = discriminator_loss(
-            nets.discriminator_step(source, target),
-            nets.discriminator_step(source, fake.detach()), config.gan_loss, classes)
+        real_logits, fake_logits = split_passes(nets.discriminator_step(
+            torch.cat([source, source]), torch.cat([target, fake.detach()]), passes=2))
+        d_loss, d_real, d_fake = discriminator_loss(real_logits, fake_logits, config.gan_loss,
+                                                    **layout)
     scaler.scale(d_loss).backward()
     scaler.step(discriminator_optimizer)
     discriminator_optimizer.zero_grad(set_to_none=True)  # freed now, not kept for a step
@@ -208,7 +214,7 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     with runtime.autocast():
         fake_logits, fake_features = per_scale(nets.discriminator_frozen(source, fake, **matching))
         g_loss, g_adv, g_l1 = generator_loss(fake_logits, fake, target, config.lambda_l1,
-                                             config.gan_loss, classes)
+                                             config.gan_loss, **layout)
         if matching:
             with torch.no_grad():
                 _, real_features = per_scale(nets.discriminator_frozen(source, target, **matching))
@@ -267,11 +273,47 @@ def epochs_of_batches(loader, sampler, optimizers, progress, config):
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
         sampler.set_epoch(epoch, skip_samples=progress.samples_done)
-        for done, batch in enumerate(loader, 1):
+        for done, batch in enumerate(readable_batches(loader), 1):
             yield epoch, batch, done == len(loader)
 
 
+class UnreadableData(UserError):
+    """A training file could not be read mid-run (the data did not fit the cache)."""
+
+
+def readable_batches(loader):
+    """The loader's batches; a file it cannot read becomes UnreadableData, so that the loop
+    saves what it has trained before it stops."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise UnreadableData(one_line(e)) from None
+        yield batch
+
+
 # --- The training loop ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def saved_on_bad_data(config, runtime, progress, save, meter):
+    """A file the loader cannot read mid-run stops the run naming it, after saving the steps
+    trained since the last checkpoint (one process: under torchrun the others would wait)."""
+    saved_step = progress.step
+    try:
+        yield
+    except UnreadableData as e:
+        if runtime.ddp or progress.step == saved_step or not runtime.is_main:
+            raise UserError(str(e)) from None
+        *_, any_bad = rt.sum_over_ranks(meter.totals(), runtime)
+        meter.raise_if_bad(any_bad > 0)  # nothing non-finite is saved
+        save()
+        raise UserError(f"{e}; stopped after saving step {progress.step}: fix or remove the "
+                        f"file, then resume with {resume_command(config)}") from None
+
+
 
 def train(config: TrainConfig, resume_from=None, overwrite=False):
     """Train with `config`; returns a summary (last step and epoch, final validation numbers).
@@ -279,22 +321,27 @@ def train(config: TrainConfig, resume_from=None, overwrite=False):
     `resume_from` is (checkpoint dict, its path) of a latest.pth to continue; `overwrite`
     lets a new run replace the files of an earlier one in the same folders.
     """
+    outputs_in_data(config)  # before any output folder is made there
     runtime = rt.setup(config)
     try:
-        return _train(config, runtime, resume_from, overwrite)
+        # One run at a time in a checkpoint folder, held by the main process until it ends.
+        if runtime.is_main:
+            make_folder(config.checkpoint_dir, "checkpoint_dir")
+        with RunLock(config.checkpoint_dir) if runtime.is_main else contextlib.nullcontext():
+            return _train(config, runtime, resume_from, overwrite)
     finally:
         rt.teardown(runtime)
 
 
 def _train(config, runtime, resume_from, overwrite):
+    if Path(config.log_file).is_dir():
+        raise UserError(f"{config.log_file}: is a folder (--log_file)")
+    claim_outputs(config, overwrite, resume_from and resume_from[1], runtime.is_main)
     for folder, flag in ((config.checkpoint_dir, "checkpoint_dir"),
                          (config.sample_dir, "sample_dir"), (Path(config.log_file).parent,
                                                              "log_file")):
         if runtime.is_main:  # fail now, not after the first hour of training
             make_folder(folder, flag)
-    if Path(config.log_file).is_dir():
-        raise UserError(f"{config.log_file}: is a folder (--log_file)")
-    claim_outputs(config, overwrite, resume_from and resume_from[1], runtime.is_main)
 
     # Networks and optimisers: identical initial weights on every process.
     torch.manual_seed(config.seed)
@@ -340,7 +387,9 @@ def _train(config, runtime, resume_from, overwrite):
     # the writer finishes the last checkpoint before train() returns or raises.
     with stop.installed(), CheckpointWriter() as writer, tqdm(
             initial=progress.step, total=rt.total_steps(config, loader, runtime), unit="step",
-            disable=not runtime.is_main, dynamic_ncols=True, leave=False) as bar:
+            disable=not runtime.is_main, dynamic_ncols=True, leave=False) as bar, \
+            saved_on_bad_data(config, runtime, progress, lambda: save_checkpoints(
+                writer, config, nets, ema, optimizers, scaler, meter, progress, False), meter):
         for epoch, batch, epoch_end in epochs_of_batches(loader, sampler, optimizers, progress,
                                                          config):
             source = runtime.to_device(batch["source"])  # (B, 3, H, W) in [-1, 1]
@@ -388,7 +437,8 @@ def _train(config, runtime, resume_from, overwrite):
                 if runtime.is_main:
                     tqdm.write(describe_epoch(epoch, config.epochs, step, last_val))
             if samples and runtime.is_main:
-                save_sample_grid(shown, sample_batch, runtime, config.sample_dir, step)
+                log.add_sample_grid(save_sample_grid(shown, sample_batch, runtime,
+                                                     config.sample_dir, step), step)
             if save and runtime.is_main:
                 progress.elapsed = time.time() - start_time
                 snapshot = epoch_end and every(progress.epoch, config.snapshot_every_epochs)
@@ -399,8 +449,8 @@ def _train(config, runtime, resume_from, overwrite):
 
     if stop.stopped and runtime.is_main:
         launcher = "torchrun ... train.py" if runtime.ddp else "python train.py"
-        print(f"interrupted at step {progress.step}; resume with: {launcher} --resume "
-              f"{runtime.checkpoint_dir / 'latest.pth'}", file=sys.stderr)
+        print(f"interrupted at step {progress.step}; resume with: "
+              f"{resume_command(config, launcher)}", file=sys.stderr)
     return {"step": progress.step, "epoch": progress.epoch, "interrupted": stop.stopped,
             **last_val}
 
@@ -410,15 +460,20 @@ def _train(config, runtime, resume_from, overwrite):
 def parse(argv=None):
     parser = build_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--resume", metavar="CHECKPOINT", default=None,
-                        help="continue the run saved in this latest.pth")
+                        help="continue the run saved in this latest.pth or run folder")
     parser.add_argument("--overwrite", action="store_true", default=False,
                         help="start a new run where another run's checkpoints, log or sample "
                              "grids are, removing them (without it, such a start is refused)")
     parser.add_argument("--demo", action="store_true", default=False,
-                        help="make the synthetic demo set and train on it (a few minutes)")
+                        help="make the synthetic demo set and train on it (~20 min on 2 CPU cores)")
     args = vars(parser.parse_args(argv))
-    flags = (args.pop("resume"), args.pop("overwrite"), args.pop("demo"))
-    return (*flags, apply_preset(args) if "preset" in args else args)
+    resume = args.pop("resume")  # a latest.pth, or a run folder (runs/NAME) holding one
+    flags = (resume and run_file(resume, "latest.pth"), args.pop("overwrite"), args.pop("demo"))
+    given = apply_name(apply_preset(args) if "preset" in args else args)
+    if resume and Path(resume).is_dir() and (Path(resume) / "checkpoints").is_dir() and \
+            "name" not in given:  # a run folder on the command line: the run goes on there
+        given = {**run_paths("", folder=resume.rstrip("/\\")), **given}
+    return (*flags, given)
 
 
 def main(argv=None):

@@ -15,6 +15,8 @@ import torch
 
 CHECKPOINT_FORMAT = "pix2pix-checkpoint"
 CHECKPOINT_VERSION = 1
+EXPORT_FORMAT = "pix2pix-generator"  # the marker in an exported file's metadata (export.py)
+RUNS_DIR = "runs"  # train.py --name NAME writes under runs/NAME/
 
 
 class UserError(Exception):
@@ -23,6 +25,12 @@ class UserError(Exception):
 
 def run_cli(main, argv=None):
     """Run a script's main(); a UserError becomes `error: ...` on stderr and exit status 2."""
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
     try:
         return main(argv)
     except UserError as e:
@@ -36,7 +44,11 @@ def run_cli(main, argv=None):
 def one_line(error):
     # A UserError re-raised from a DataLoader worker carries the worker's traceback as text;
     # its last line is the original message.
-    text = str(error).strip().splitlines()
+    text = str(error).strip()
+    if "Traceback (most recent call last)" not in text:  # a file name may hold a line break
+        return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], text) or \
+            type(error).__name__
+    text = text.splitlines()
     last = text[-1] if text else type(error).__name__
     prefix = f"{UserError.__module__}.{UserError.__name__}: "
     return last[len(prefix):] if last.startswith(prefix) else last
@@ -58,8 +70,11 @@ def atomic_write(path, write_fn, mode="wb", clean_leftovers=False):
     make_folder(path.parent)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a file path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
-                               dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{_tmp_stem(path)}.{os.getpid()}.", suffix=".tmp",
+                                   dir=path.parent)
+    except OSError as e:  # a read-only folder, no inodes left, ...
+        raise WriteError(path, e) from None
     try:
         with os.fdopen(fd, mode) as f:
             _make_readable(tmp)
@@ -74,14 +89,34 @@ def atomic_write(path, write_fn, mode="wb", clean_leftovers=False):
             pass
         cause = _first_cause(e)
         if isinstance(cause, OSError):
-            raise UserError(f"{path}: could not write ({cause.strerror or cause}); "
-                            "the previous file, if any, is kept") from None
+            raise WriteError(path, cause) from None
         if cause is not e:
             raise cause from None
         raise
     _fsync_dir(path.parent)
     if clean_leftovers:
         _remove_leftovers(path)
+
+
+class WriteError(UserError):
+    """A file could not be written (`errno` says why: ENOSPC, EACCES, ...)."""
+
+    def __init__(self, path, error):
+        super().__init__(f"{path}: could not write ({error.strerror or error}); the previous "
+                         "file, if any, is kept")
+        self.errno = error.errno
+
+
+# A temporary file's name adds ~20 characters to the file's own: a long, legal name (most file
+# systems allow 255 bytes) is shortened in it so that its temporary file can exist too.
+TMP_STEM_BYTES = 200
+
+
+def _tmp_stem(path):
+    name = path.name
+    while len(name.encode("utf-8", "surrogateescape")) > TMP_STEM_BYTES:
+        name = name[:-1]
+    return name
 
 
 def _first_cause(error):
@@ -123,9 +158,10 @@ def _remove_leftovers(path):
     path = Path(path)
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
         return []
-    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[^.]+\.tmp")
+    stem = _tmp_stem(path)
+    pattern = re.compile(re.escape(f".{stem}.") + r"([0-9]+)\.[^.]+\.tmp")
     removed = []
-    for tmp in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
+    for tmp in path.parent.glob(glob.escape(f".{stem}.") + "*.tmp"):
         match = pattern.fullmatch(tmp.name)
         if match and not _process_exists(int(match[1])):
             try:
@@ -185,6 +221,19 @@ def save_checkpoint(checkpoint, path):
 
 # --- Checkpoints ----------------------------------------------------------------------------
 
+def run_file(path, name):
+    """`path` itself, or where a folder keeps `name`: a run folder (runs/NAME: its
+    checkpoints/`name`) or a checkpoint folder (its `name`)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for candidate in (path / "checkpoints" / name, path / name):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{path}: is a folder without checkpoints/{name} or {name}; pass a run "
+                    "folder (runs/NAME) or a checkpoint file")
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a pix2pix checkpoint safely: tensors and plain containers only, never code."""
     path = Path(path)
@@ -218,18 +267,32 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
-def load_state(module, state_dict, path, what):
-    """load_state_dict with a one-line message instead of a dump of mismatched keys."""
+def is_project_checkpoint(path):
+    """Whether `path` is a checkpoint with this project's format marker (memory-mapped: the
+    weights are not read)."""
     try:
-        module.load_state_dict(state_dict)
-    except (RuntimeError, TypeError, AttributeError, ValueError) as e:
-        raise UserError(f"{path}: the {what} weights do not fit the architecture in the "
-                        f"checkpoint's configuration ({_mismatch(module, state_dict, e)})"
-                        ) from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (anything unreadable is not one)
+        return False
+    return isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT
 
 
-def _mismatch(module, state_dict, error):
-    """What differs between `state_dict` and `module`, in a few words."""
+def load_state(module, state_dict, path, what):
+    """load_state_dict with a one-line message instead of a dump of mismatched keys; names and
+    shapes are compared before any weight is copied."""
+    problem = _mismatch(module, state_dict)
+    if problem is None:
+        try:
+            module.load_state_dict(state_dict)
+            return
+        except (RuntimeError, TypeError, AttributeError, ValueError) as e:
+            problem = one_line(e)[:160]
+    raise UserError(f"{path}: the {what} weights do not fit the architecture in the "
+                    f"checkpoint's configuration ({problem})")
+
+
+def _mismatch(module, state_dict):
+    """What differs between `state_dict` and `module`, in a few words; None if nothing."""
     if not isinstance(state_dict, dict):
         return f"a {type(state_dict).__name__} instead of a state dict"
     expected = module.state_dict()
@@ -237,13 +300,15 @@ def _mismatch(module, state_dict, error):
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
         return (f"{len(missing)} weights missing, {len(unexpected)} unexpected, e.g. "
-                f"{(missing or unexpected)[0]}; is it another model's state dict?")
+                f"{str((missing or unexpected)[0])[:80]}; is it another model's state dict?")
     for key, value in expected.items():
-        shape = list(getattr(state_dict[key], "shape", []))
+        if not isinstance(state_dict[key], torch.Tensor):
+            return f"{key} is a {type(state_dict[key]).__name__}, not a tensor"
+        shape = list(state_dict[key].shape)
         if shape != list(value.shape):
             return (f"{key} has shape {shape} in the file, {list(value.shape)} in the model; "
                     "was it saved with other channel settings?")
-    return one_line(error)[:160]
+    return None
 
 
 # --- Devices and randomness -----------------------------------------------------------------

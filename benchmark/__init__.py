@@ -1,1 +1,1 @@
-"""Speed benchmarks: `python -m benchmark.speed` (see README, "Speed")."""
+"""Speed benchmarks: `python -m benchmark.speed` (see docs/performance.md)."""

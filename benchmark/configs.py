@@ -6,26 +6,32 @@ say, changes nothing in inference, so it is measured once for both)."""
 OPTIONS = {
     "fp32": {"train": ["--precision", "fp32"], "inference": ["--precision", "fp32"]},
     # The command a user runs with no speed flags: precision auto, the data defaults.
-    "default": {"train": ["--precision", "auto", "--cache", "auto", "--num_workers", "-1",
-                          "--fused_adam"], "inference": ["--precision", "auto",
-                                                         "--io_threads", "2"]},
+    "default": {"train": ["--precision", "auto", "--channels_last", "auto", "--cache", "auto",
+                          "--num_workers", "-1", "--fused_adam"],
+                "inference": ["--precision", "auto", "--channels_last", "auto",
+                              "--io_threads", "2"]},
     "tf32": {"train": ["--precision", "tf32"], "inference": None},
     "bf16": {"train": ["--precision", "bf16"], "inference": ["--precision", "bf16"]},
     "fp16": {"train": ["--precision", "fp16"], "inference": ["--precision", "fp16"]},
-    "cl": {"train": ["--channels_last"], "inference": ["--channels_last"]},
+    "cl": {"train": ["--channels_last", "on"], "inference": ["--channels_last", "on"]},
+    "nocl": {"train": ["--channels_last", "off"], "inference": ["--channels_last", "off"]},
     "compile": {"train": ["--compile"], "inference": ["--compile"]},
     "fused": {"train": ["--fused_adam"], "inference": []},
     "inbwd": {"train": ["--step_in_backward"], "inference": []},
     "data": {"train": ["--cache", "auto", "--num_workers", "-1"],
              "inference": ["--io_threads", "2"]},
     "png1": {"train": [], "inference": ["--png_compression", "1"]},
+    # The paper's networks and losses (--preset paper): what the reference implementation
+    # computes. `paper+fp32` is the reference's work on the plain path; inference and the
+    # bare forward use a checkpoint of the paper's generator.
+    "paper": {"train": ["--preset", "paper"], "inference": []},
     # OpenMP threads that wait at a barrier sleep at once instead of spinning: on a machine
     # shared with other jobs, a spinning thread keeps the core its partner needs.
     "passive": {"train": [], "inference": [], "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
 }
-PLAIN_TRAIN = ["--cache", "off", "--num_workers", "0", "--no_fused_adam",
-               "--no_step_in_backward"]
-PLAIN_INFERENCE = ["--io_threads", "0"]
+PLAIN_TRAIN = ["--channels_last", "off", "--cache", "off", "--num_workers", "0",
+               "--no_fused_adam", "--no_step_in_backward"]
+PLAIN_INFERENCE = ["--channels_last", "off", "--io_threads", "0"]
 
 DEFAULT_CONFIGS = {
     "cpu": "fp32,default,fp32+fused,fp32+inbwd,fp32+cl,fp32+data,fp32+compile,"
@@ -54,8 +60,13 @@ def parse_config(name):
 
 
 def as_config_dict(flags):
-    from config import build_parser
-    return vars(build_parser("").parse_args(flags))
+    from config import apply_preset, build_parser
+    return apply_preset(vars(build_parser("").parse_args(flags)))
+
+
+def model_of(name):
+    """Which networks a configuration trains and translates with: "paper" or "default"."""
+    return "paper" if "paper" in name.split("+") else "default"
 
 
 def measurement_key(part, name):
@@ -69,8 +80,9 @@ def measurement_key(part, name):
     elif part == "inference":
         key = inference_flags
     else:  # the bare forward: precision, memory format, compile
-        key = sorted(set(name.split("+")) & {"bf16", "fp16", "cl", "compile"})
-    return None if key is None else (tuple(key), tuple(sorted(env.items())))
+        key = sorted(set(name.split("+")) & {"default", "bf16", "fp16", "cl", "nocl",
+                                             "compile"})
+    return None if key is None else (tuple(key), tuple(sorted(env.items())), model_of(name))
 
 
 def loader_options(name):

@@ -32,7 +32,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = {"default": [], "fp32": ["--precision", "fp32"], "bf16": ["--precision", "bf16"],
-           "cl": ["--channels_last"], "compile": ["--compile"]}
+           "cl": ["--channels_last", "on"],
+           "nocl": ["--channels_last", "off"], "compile": ["--compile"]}
 DEFAULT_CONFIGS = "default,fp32,bf16+cl,bf16+cl+compile"  # default: --precision auto
 SIZES = ((256, 256), (512, 256))  # (width, height): the page's two canvas sizes
 

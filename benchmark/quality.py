@@ -4,8 +4,8 @@ score its validation photos.
     python -m benchmark.quality                          # every configuration, 2 seeds, 64x64
     python -m benchmark.quality --configs paper,ema --seeds 0,1,2
     python -m benchmark.quality --configs paper,ema+resize+hinge --image_size 256 --channels 64
-    python -m benchmark.quality --data_dir ../shared/camvid --configs default,paper \
-        --image_size 64 --channels 32 --steps 400 --score_points 2   # real photos (docs/quality.md)
+    python -m benchmark.quality --data_dir ../shared/camvid --configs default,paper,oasis \
+        --image_size 64 --channels 16 --steps 200 --score_points 2   # real photos (docs/quality.md)
 
 Every configuration trains with train.py's own loop (train.train) on the same data, the same
 batch size, step count and seed set, and is scored on the same validation pairs, with the

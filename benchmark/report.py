@@ -3,6 +3,8 @@ baseline, achieved GFLOP/s and MFU, and the printed tables."""
 
 import statistics
 
+from benchmark.configs import model_of
+
 # Dense peak TFLOP/s from the vendors' data sheets; --peak_tflops overrides. The first key
 # found in the GPU's name wins, so the specific names come first.
 PEAK_TFLOPS = {
@@ -48,7 +50,7 @@ def report(args, info, raw, flops, loader_source, loader_options):
         step_s = statistics.median(r["step_s"] for r in runs)
         plain = raw["train"].get((base, batch_size))
         loader = raw["loader"].get((loader_source[name], batch_size))
-        gflop_s = flops["train_step"][batch_size] / step_s / 1e9
+        gflop_s = flops[model_of(name)]["train_step"][batch_size] / step_s / 1e9
         peak = peak_tflops(args, info, name)
         img_s = summarize([r["img_s"] for r in runs])
         rows["train"].append({
@@ -67,7 +69,6 @@ def report(args, info, raw, flops, loader_source, loader_options):
         cache, num_workers = loader_options[name]
         rows["loader"].append({"config": name, "cache": cache, "num_workers": num_workers,
                                "batch_size": batch_size, "img_s": summarize(values)})
-    forward_flops = flops["generator_forward"]
     for part in ("inference", "forward"):
         plain = raw[part].get((base, 1))
         for (name, batch_size), runs in raw[part].items():
@@ -79,7 +80,8 @@ def report(args, info, raw, flops, loader_source, loader_options):
                    "x_plain_batch1": img_s["median"] / statistics.median(
                        r["img_s"] if part == "inference" else 1 / r["seconds"] for r in plain)
                    if plain else None,
-                   "gflop_s": forward_flops * img_s["median"] / 1e9,
+                   "gflop_s": flops[model_of(name)]["generator_forward"] * img_s["median"]
+                   / 1e9,
                    "maxrss_mib": summarize([r["maxrss_mib"] for r in runs]),
                    "cuda_peak_mib": summarize([r.get("cuda_peak_mib") for r in runs])}
             row["mfu"] = row["gflop_s"] / (peak * 1e3) if peak else None

@@ -106,6 +106,7 @@ def child_flops(spec):
     from torch.utils.flop_counter import FlopCounterMode
 
     import train
+    from benchmark.configs import as_config_dict
     from config import TrainConfig
     from models import build_generator
     steps = {}
@@ -115,11 +116,13 @@ def child_flops(spec):
                 contextlib.redirect_stdout(io.StringIO()):
             train.main(argv)
         steps[batch_size] = counter.get_total_flops()
-    config = TrainConfig(**spec["config"])
+    config = TrainConfig(**as_config_dict(spec["argv"]))
     generator = build_generator(config.model_config()).eval()
     x = torch.zeros(1, 3, config.image_size, config.image_size)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        generator(x)
+    with torch.no_grad():
+        generator(x)  # inference's later calls: the resize-convolutions' kernels folded once
+        with FlopCounterMode(display=False) as counter:
+            generator(x)
     return {"train_step": steps, "generator_forward": counter.get_total_flops()}
 
 
@@ -137,7 +140,7 @@ def child_profile(spec):
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     warmup, steps = spec["warmup_steps"], spec["steps"]
-    first = []
+    first, window_edges = [], []
 
     def on_optimizer_step(optimizer, *_):
         # The discriminator's optimiser steps once per training step, and first (the
@@ -145,6 +148,8 @@ def child_profile(spec):
         if not first:
             first.append(optimizer)
         if optimizer is first[0]:
+            synchronize(device)
+            window_edges.append(time.perf_counter())
             profiler.step()
 
     with profile(activities=activities, schedule=schedule(
@@ -158,7 +163,15 @@ def child_profile(spec):
     # An fp16 step skipped by the gradient scaler calls no optimiser: the window then starts a
     # step later (the benchmark runs a spare step); a window never closed reports nothing.
     events = profiler.key_averages() if profiler.step_num >= warmup + steps else []
-    return {"profile": time_by_kind(events, device.type == "cuda", steps) if events else None}
+    if not events:
+        return {"profile": None}
+    # The kinds' times are shares of the profiled window itself (from the profiler.step() that
+    # opened it to the one that closed it), not of other steps: a training step timed from the
+    # log is a different span, shifted by half a step, and the first steps after the warm-up
+    # can still be slower (oneDNN creating kernels), so a share could exceed 1.
+    window_s = (window_edges[warmup + steps - 1] - window_edges[warmup - 1]) / steps
+    return {"profile": {**time_by_kind(events, device.type == "cuda", steps),
+                        "step_s": window_s}}
 
 
 def time_by_kind(events, on_gpu, steps):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from benchmark.configs import (DEFAULT_CONFIGS, EQUIVALENCE_CONFIGS, OPTIONS, PLAIN_TRAIN,
                                QUICK_CONFIGS, as_config_dict, loader_options, measured_as,
-                               parse_config, slug, unique_configs)
+                               model_of, parse_config, slug, unique_configs)
 from benchmark.report import print_tables, report
 from benchmark.runs import run_child, train_steps
 
@@ -71,11 +71,6 @@ def prepare_inputs(args, workdir):
     write_demo_dataset(workdir / "data", num_train=pairs, num_val=2, size=args.image_size)
     write_demo_dataset(workdir / "to_translate", num_train=args.infer_images, num_val=1,
                        size=args.image_size, seed=1)
-
-
-def model_flags(args):
-    return {"image_size": args.image_size, "generator_channels": args.channels,
-            "discriminator_channels": args.channels}
 
 
 def train_argv(args, workdir, run, flags):
@@ -116,11 +111,9 @@ def measure_train(args, workdir, name, batch_size, rep, env):
 def measure_profile(args, workdir, name, env):
     """Seconds per training step in convolutions, in the optimisers and in the rest, at the
     largest batch size (under torch.profiler, so slightly slower than measure_train's)."""
-    result, steps = run_training(args, workdir, "profile", name, max(args.batch_sizes), "",
-                                 env, extra_steps=1, warmup_steps=args.warmup_steps,
-                                 steps=args.steps)
-    times = result["profile"]
-    return times and {**times, "step_s": statistics.mean(steps[:args.steps])}
+    result, _ = run_training(args, workdir, "profile", name, max(args.batch_sizes), "", env,
+                             extra_steps=1, warmup_steps=args.warmup_steps, steps=args.steps)
+    return result["profile"]  # seconds per step of the profiled window, by kind
 
 
 def measure_loader(args, workdir, name, rep):
@@ -134,9 +127,10 @@ def measure_loader(args, workdir, name, rep):
 
 def measure_inference(args, workdir, name, rep, env):
     run = workdir / "runs" / f"inference_{slug(name)}_r{rep}"
-    argv = ["--input_dir", str(workdir / "to_translate" / "train"), "--model_path",
-            str(workdir / "generator.pth"), "--device", args.device, "--input_layout",
-            "side_by_side", "--label_side", "right", *parse_config(name)[1]]
+    argv = ["--input_dir", str(workdir / "to_translate" / "train"),
+            "--model_path", str(workdir / f"generator_{model_of(name)}.pth"),
+            "--device", args.device, "--input_layout", "side_by_side", "--label_side", "right",
+            *parse_config(name)[1]]
     spec = {"argv": argv, "batch_sizes": args.infer_batch_sizes, "device": args.device,
             "output_dir": str(run / "outputs")}
     result = run_child("inference", spec, run, {**env, **parse_config(name)[2]})["inference"]
@@ -146,13 +140,24 @@ def measure_inference(args, workdir, name, rep, env):
 
 def measure_forward(args, workdir, name, rep, env):
     run = workdir / "runs" / f"forward_{slug(name)}_r{rep}"
-    options = name.split("+")
-    precision = next((p for p in ("bf16", "fp16") if p in options), "fp32")
-    spec = {"checkpoint": str(workdir / "generator.pth"), "device": args.device,
-            "image_size": args.image_size, "channels_last": "cl" in options,
-            "compile": "compile" in options, "precision": precision,
+    precision, channels_last = forward_options(name, args.device)
+    spec = {"checkpoint": str(workdir / f"generator_{model_of(name)}.pth"), "device": args.device,
+            "image_size": args.image_size, "channels_last": channels_last,
+            "compile": "compile" in name.split("+"), "precision": precision,
             "batch_sizes": args.infer_batch_sizes, "warmup": 2, "iterations": args.steps}
     return run_child("forward", spec, run, {**env, **parse_config(name)[2]})["forward"]
+
+
+def forward_options(name, device):
+    """(precision, channels_last) of a configuration's bare forward: `default` as inference.py
+    decides them by default (for `device`), the named options over that."""
+    import runtime as rt
+    options = name.split("+")
+    precision = rt.resolve_precision("auto", device)[0] if "default" in options else "fp32"
+    precision = next((p for p in ("bf16", "fp16") if p in options), precision)
+    channels_last = "on" if "cl" in options else "off" if "nocl" in options else \
+        "auto" if "default" in options else "off"
+    return precision, rt.resolve_channels_last(channels_last, device, precision)
 
 
 def remove_tree(path):
@@ -167,14 +172,17 @@ def run_benchmark(args, workdir):
     # One compile cache for the whole benchmark: the first run of a compiled configuration
     # starts cold, later ones warm (see first_step_s).
     env = {"TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor_cache")}
-    flops_run = workdir / "runs" / "flops"
-    flops = run_child("flops", {"argv": train_argv(args, workdir, flops_run, PLAIN_TRAIN),
-                                "config": model_flags(args), "batch_sizes": args.batch_sizes,
-                                "device": args.device}, flops_run)
-    flops["train_step"] = {int(k): v for k, v in flops["train_step"].items()}
-    # Inference translates with the generator that run saved (one step trained).
-    (flops_run / "checkpoints" / "generator.pth").replace(workdir / "generator.pth")
-    remove_tree(flops_run / "checkpoints")
+    flops = {}  # per model ("default", "paper"): FLOPs of a training step and a forward
+    for model in dict.fromkeys(model_of(name) for name in args.configs):
+        flops_run = workdir / "runs" / f"flops_{model}"
+        preset = ["--preset", "paper"] if model == "paper" else []
+        flops[model] = run_child("flops", {
+            "argv": train_argv(args, workdir, flops_run, PLAIN_TRAIN + preset),
+            "batch_sizes": args.batch_sizes, "device": args.device}, flops_run)
+        flops[model]["train_step"] = {int(k): v for k, v in flops[model]["train_step"].items()}
+        # Inference translates with the generator that run saved (one step trained).
+        (flops_run / "checkpoints" / "generator.pth").replace(workdir / f"generator_{model}.pth")
+        remove_tree(flops_run / "checkpoints")
     measured = {part: unique_configs(args.configs, part) for part in args.parts}
     raw = {"train": {}, "loader": {}, "inference": {}, "forward": {}, "profile": {}}
     for rep in range(args.repeats):

@@ -20,6 +20,28 @@ from utils import run_cli
 
 REPO = Path(__file__).resolve().parent.parent  # where the scripts live (pytest.ini: pythonpath)
 
+# --- Tiny configurations: the one definition the test files share --------------------------
+
+TINY_MODEL = {"image_size": 32, "generator_channels": 8, "discriminator_channels": 8}
+# A tiny run: one process, no loader workers, every step logged, nothing else written mid-run;
+# strict fp32 maths whatever the CPU (`auto` has its own tests).
+TINY_TRAINING = {**TINY_MODEL, "batch_size": 2, "num_workers": 0, "log_every_steps": 1,
+                 "sample_every_steps": 0, "checkpoint_every_steps": 0, "precision": "fp32"}
+
+
+def as_flags(options):
+    """Command-line flags of {TrainConfig field: value}: `--name value`; booleans as
+    `--name` / `--no_name`."""
+    flags = []
+    for name, value in options.items():
+        if value is True:
+            flags.append(f"--{name}")
+        elif value is False:
+            flags.append(f"--no_{name}")
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
 # --- Synthetic images ---------------------------------------------------------------------
 
 
@@ -68,21 +90,30 @@ def save_image(array, path, quality=90):
     return path
 
 
+SCENES = ("real_profile", "drawn")
+
+
 def write_dataset(root, layout="side_by_side", splits=(("train", 4), ("val", 2)), size=32,
-                  label_side="right", suffix=".jpg", seed=0):
-    """A tiny data set under `root` with one folder per split, with the real set's profile.
+                  label_side="right", suffix=".jpg", seed=0, scenes="real_profile"):
+    """A tiny data set under `root` with one folder per split.
 
     side_by_side: `k.jpg` holds the photo and the label map side by side (label on
     `label_side`, the public set has it on the right); paired: `k_input.jpg` (label map) and
-    `k_target.jpg` (photo). `size` is an int (square: the scenes of demo.data.real_profile_pair,
-    saved as the public set was) or (height, width) (draw_label_map and draw_photo).
+    `k_target.jpg` (photo). `scenes`: "real_profile", the scenes of demo.data.real_profile_pair
+    with the real set's profile (square: `size` an int); "drawn", draw_label_map and draw_photo
+    (`size` an int or (height, width)).
     """
     root = Path(root)
     height, width = (size, size) if isinstance(size, int) else size
+    if scenes not in SCENES:
+        raise ValueError(f"scenes={scenes!r}: choose one of {', '.join(SCENES)}")
+    if scenes == "real_profile" and height != width:
+        raise ValueError(f"real_profile scenes are square, got {height}x{width}: use "
+                         f"scenes='drawn' for other shapes")
     for split_number, (split, count) in enumerate(splits):
         for k in range(1, count + 1):
             rng = np.random.default_rng([seed, split_number, k])
-            if height == width:
+            if scenes == "real_profile":
                 label, photo = real_profile_pair(rng, height)
             else:
                 label = draw_label_map(height, width, rng)
@@ -122,9 +153,6 @@ def rng():
 
 # --- A tiny checkpoint --------------------------------------------------------------------
 
-TINY = {"generator_channels": 8, "discriminator_channels": 8}
-
-
 def write_checkpoint(path, image_size=32, latest=False, seed=0, **options):
     """A real checkpoint of a tiny, untrained model: generator.pth style, or latest.pth style
     (with the discriminator, optimisers, scaler and log state) if `latest`."""
@@ -134,7 +162,7 @@ def write_checkpoint(path, image_size=32, latest=False, seed=0, **options):
     from utils import save_checkpoint
 
     torch.manual_seed(seed)
-    config = TrainConfig(image_size=image_size, **TINY, **options)
+    config = TrainConfig(**{**TINY_MODEL, "image_size": image_size, **options})
     generator = build_generator(config.model_config())
     if latest:
         discriminator = build_discriminator(config.model_config())
@@ -208,10 +236,6 @@ def assert_clean_failure(result, *names):
 
 # --- Tiny training runs ---------------------------------------------------------------------
 
-TINY_TRAINING = {"image_size": 32, "generator_channels": 8, "discriminator_channels": 8,
-                 "batch_size": 2, "num_workers": 0, "log_every_steps": 1,
-                 "sample_every_steps": 0, "checkpoint_every_steps": 0,
-                 "precision": "fp32"}  # strict maths whatever the CPU; `auto` has its own tests
 
 
 @pytest.fixture(scope="session")
@@ -305,3 +329,9 @@ def logged_steps(log_file):
 
 def temp_files(folder):
     return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp"))
+
+
+def output_flags(config):
+    """The output flags of a run: a resume writes where its command line says."""
+    return [f"--{name}={getattr(config, name)}" for name in ("checkpoint_dir", "log_file",
+                                                             "sample_dir")]

@@ -10,6 +10,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -92,7 +93,8 @@ def request(server, method, path, body=None, content_type=None, headers=()):
     """(status, headers, body) of one request on a fresh connection."""
     connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
     try:
-        connection.putrequest(method, path, skip_accept_encoding=True)
+        connection.putrequest(method, path, skip_accept_encoding=True,
+                              skip_host="Host" in dict(headers))
         if content_type:
             connection.putheader("Content-Type", content_type)
         for name, value in dict(headers).items():
@@ -355,3 +357,175 @@ def test_paint_generate_undo_in_chromium(trained_checkpoint):
         page.wait_for_selector("#error:has-text('too big, sorry')")
         browser.close()
     assert not outside, f"the page requested other addresses: {outside}"
+
+
+# --- Against a hostile image and a hostile website ------------------------------------------
+
+def all_colours(side):
+    """(side, side, 3) uint8 with every pixel a different colour (a 34 KB PNG at 2048)."""
+    codes = np.arange(side * side, dtype=np.uint32).reshape(side, side) * 4
+    return np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], -1).astype(np.uint8)
+
+
+def test_snapping_takes_distinct_colours_in_bounded_chunks():
+    image = all_colours(64)  # 4096 distinct colours
+    calls = []
+    chunked, distance = nearest_colors(image, chunk=1000, between_chunks=lambda: calls.append(1))
+    assert len(calls) == 5  # ceil(4096 / 1000) distance matrices of at most 1000 x 35
+    whole, whole_distance = nearest_colors(image, chunk=1 << 20)
+    assert np.array_equal(chunked, whole) and np.array_equal(distance, whole_distance)
+
+
+def test_an_injected_deadline_stops_the_snapping_between_chunks():
+    with pytest.raises(app.RequestTimeout):
+        app.snap_to_palette(all_colours(32), app.Deadline(-1))
+    assert app.snap_to_palette(all_colours(32), app.Deadline(60)).shape == (32, 32, 3)
+
+
+@pytest.fixture
+def small_server(tiny_checkpoint):
+    """A server of its own with small caps, to be filled by a test: make(**AppServer options)."""
+    made = []
+
+    def make(**options):
+        generator, config = load_generator(tiny_checkpoint())
+        httpd = app.AppServer(("127.0.0.1", 0), app.PhotoService(Translator(generator, config,
+                                                                            "cpu")), **options)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        made.append(httpd)
+        return httpd
+    yield make
+    for httpd in made:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def raw_exchange(server, data, timeout=10.0, drip=None):
+    """Send `data` (or drip it a byte every `drip` seconds until the server answers); return
+    what the server sent until it closed."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        if drip is None:
+            sock.sendall(data)
+        else:
+            sock.settimeout(drip)
+            for byte in data:
+                try:
+                    sock.sendall(bytes([byte]))
+                    if sock.recv(1, socket.MSG_PEEK):
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+        sock.settimeout(timeout)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def test_a_full_decode_cap_answers_503(small_server):
+    server = small_server(max_decodes=1)
+    server.decodes.acquire()  # a decode in progress
+    try:
+        status, headers, answer = request(server, "POST", "/api/translate",
+                                          png_bytes(street(32, 32)), "image/png")
+        assert status == 503 and "busy" in json.loads(answer)["error"]
+    finally:
+        server.decodes.release()
+    assert translate(server, street(32, 32)).shape == (32, 32, 3)
+
+
+def test_a_trickling_client_gets_408_at_the_total_deadline(small_server):
+    server = small_server(request_seconds=1.0)
+    head = b"POST /api/translate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+    started = time.monotonic()
+    answer = raw_exchange(server, head + b"Content-Length: 100\r\n\r\n" + b"x" * 100, drip=0.2)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < 5  # one read at a time would never end
+    answer = raw_exchange(server, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"y" * 60,
+                          drip=0.2)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def test_connections_over_the_cap_get_503_and_are_closed(small_server):
+    server = small_server(max_connections=2, request_seconds=20)
+    idle = [socket.create_connection(server.server_address[:2]) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # both taken by their threads
+        answer = raw_exchange(server, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503") and b"busy" in answer, answer[:200]
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.3)
+    assert request(server, "GET", "/api/config")[0] == 200
+
+
+@pytest.mark.parametrize("host, allowed, status", [
+    ("attacker.example", (), 403), ("attacker.example:8000", (), 403), ("", (), 403),
+    ("localhost:8000", (), 200), ("LOCALHOST", (), 200), ("127.0.0.1:1", (), 200),
+    ("[::1]:8000", (), 200), ("pix2pix.lan:8000", ("pix2pix.lan",), 200),
+    ("evil.lan", ("pix2pix.lan",), 403)])
+def test_only_loopback_and_listed_host_names_are_served(small_server, host, allowed, status):
+    server = small_server(allowed_hosts=allowed)
+    for method, path, body in (("GET", "/api/config", None),
+                               ("POST", "/api/snap", png_bytes(street(16, 16)))):
+        got, _, answer = request(server, method, path, body, "image/png",
+                                 headers={"Host": host})
+        assert got == status, answer[:200]
+
+
+def test_a_post_from_another_sites_page_is_refused(server):
+    host = "127.0.0.1:%d" % server.server_address[1]
+    body = png_bytes(street(16, 16))
+    for origin, status in ((f"http://{host}", 200), ("http://attacker.example", 403),
+                           ("null", 403)):
+        got, _, answer = request(server, "POST", "/api/snap", body, "image/png",
+                                 headers={"Host": host, "Origin": origin})
+        assert got == status, (origin, answer[:200])
+    _, headers, _ = request(server, "GET", "/")
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "1" * 5000, "12, 12", "-1", " 1e3"],
+                         ids=["superscript two", "5000 digits", "two numbers", "negative",
+                              "exponent"])
+def test_a_malformed_content_length_is_400_without_internals(server, length):
+    head = (f"POST /api/translate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode("latin-1")  # as headers are read
+    answer = raw_exchange(server, head)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert "Content-Length" in error and "Error" not in error and "int" not in error, error
+
+
+@pytest.mark.parametrize("path", ["/%00", "/" + "a" * 300, "/%ff%fe", "//[x", "/a%0d%0ab"],
+                         ids=["NUL", "300 characters", "not UTF-8", "bracket", "CR LF"])
+def test_odd_paths_get_an_answer_and_no_traceback(server, path, capsys):
+    answer = raw_exchange(server, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                  "Connection: close\r\n\r\n".encode())
+    assert answer[:12] in (b"HTTP/1.1 404", b"HTTP/1.1 400"), answer[:300]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_failed_translation_does_not_echo_the_exception(server, monkeypatch):
+    def broken(label, deadline=None):
+        raise RuntimeError("/secret/path/model.pth: internal detail")
+    monkeypatch.setattr(server.service, "translate", broken)
+    status, _, answer = request(server, "POST", "/api/translate", png_bytes(street(16, 16)),
+                                "image/png")
+    assert status == 500 and b"secret" not in answer and b"internal" not in answer
+
+
+def test_the_page_turns_an_exif_rotated_jpeg_as_inference_does(server, tmp_path):
+    from dataset import read_rgb
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 32 wide, 48 high
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(street(32, 48)).save(path, exif=exif, quality=95)
+    status, _, answer = request(server, "POST", "/api/snap", path.read_bytes(), "image/jpeg")
+    assert status == 200, answer
+    snapped = np.asarray(Image.open(io.BytesIO(answer)).convert("RGB"))
+    assert np.array_equal(snapped, app.snap_to_palette(read_rgb(path, "label map")))

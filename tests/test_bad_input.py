@@ -7,14 +7,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, draw_label_map, run_scripts, save_image, write_dataset
+from conftest import (TINY_MODEL, as_flags, assert_clean_failure, draw_label_map, run_scripts,
+                      save_image, write_dataset)
 
 import inference
 import train
 from utils import UserError, load_checkpoint, run_cli
 
-TINY_RUN = ["--image_size", "32", "--generator_channels", "8", "--discriminator_channels", "8",
-            "--epochs", "1", "--batch_size", "2", "--num_workers", "0",
+TINY_RUN = [*as_flags(TINY_MODEL), "--epochs", "1", "--batch_size", "2", "--num_workers", "0",
             "--checkpoint_dir", "tmp/c", "--log_file", "tmp/log.json", "--sample_dir", "tmp/s"]
 
 

@@ -118,3 +118,86 @@ def test_inference_refuses_a_bad_checkpoint_in_one_line(tmp_path, tiny_checkpoin
     assert line.startswith(f"error: {path}: ") and REFUSALS[variant] in line, line
     assert not (tmp_path / "code_ran").exists()
     assert not (tmp_path / "out").exists()
+
+
+# --- A checkpoint's saved configuration is data: checked before anything is built -----------
+
+HOSTILE_CONFIGS = {  # (where, field, value): what a damaged or hostile file may hold
+    "negative width": ("model", "generator_channels", -8),
+    "huge width": ("model", "generator_channels", 20_000),
+    "fractional width": ("model", "generator_channels", 8.5),
+    "width as text": ("model", "generator_channels", "8"),
+    "size as text": ("model", "image_size", "32"),
+    "huge size": ("model", "image_size", 2**20),
+    "norm as a number": ("model", "norm", 5),
+    "dropout as text": ("model", "dropout", "yes"),
+    "model as a list": ("model", None, [1, 2]),
+}
+
+
+def hostile(good, where, field, value):
+    config = dict(good["config"])
+    if field is None:
+        config[where] = value
+    else:
+        config[where] = {**config[where], field: value}
+        config[field] = value  # the training configuration holds it too
+    return {**good, "config": config}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CONFIGS))
+def test_a_hostile_saved_configuration_is_one_line_before_anything_is_built(
+        tmp_path, tiny_checkpoint, capsys, monkeypatch, case):
+    where, field, value = HOSTILE_CONFIGS[case]
+    good = torch.load(tiny_checkpoint(latest=True), weights_only=True)
+    path = tmp_path / "hostile.pth"
+    torch.save(hostile(good, where, field, value), path)
+
+    def built(*args):
+        raise AssertionError("a network was built from an unchecked configuration")
+    monkeypatch.setattr(inference, "build_generator", built)
+    monkeypatch.setattr(train, "build_generator", built)
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (16, 16), (128, 64, 128)).save(tmp_path / "in" / "a.png")
+    for script, argv in ((inference.main, ["--input_dir", tmp_path / "in", "--output_dir",
+                                           tmp_path / "out", "--model_path", path]),
+                         (train.main, ["--resume", path, "--checkpoint_dir", tmp_path / "run"])):
+        status, _, stderr = run_in_process(script, argv, capsys)
+        assert status == 2 and "Traceback" not in stderr, stderr
+        [line] = stderr.strip().splitlines()
+        assert line.startswith(f"error: {path}: ") and (field or where) in line, line
+
+
+def test_the_parameter_bound_is_above_every_real_count():
+    from config import parameter_bound
+    from models import ModelConfig, build_discriminator, build_generator, count_parameters
+    for options in ({"upsample": "resize"}, {"label_input": "onehot", "upsample": "transposed"},
+                    {"discriminator_scales": 3}, {"discriminator_layers": 5},
+                    {"image_size": 32, "generator_channels": 8}):
+        model = ModelConfig(**options)
+        real = count_parameters(build_generator(model)) + \
+            count_parameters(build_discriminator(model))
+        assert real <= parameter_bound(model), options
+        assert parameter_bound(model) <= 2 * real or "image_size" in options, options
+
+
+def test_weights_of_another_shape_are_refused_before_any_is_copied(tiny_checkpoint):
+    generator, _ = inference.load_generator(tiny_checkpoint())
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    state = dict(generator.state_dict())
+    first, last = list(state)[0], list(state)[-1]
+    state[last] = torch.zeros(5)  # the last key is wrong: the first must stay untouched
+    state[first] = torch.full_like(state[first], 7.0)
+    with pytest.raises(utils.UserError, match=f"{last} has shape"):
+        utils.load_state(generator, state, "x.pth", "generator")
+    assert torch.equal(generator.state_dict()[first], before[first])
+
+
+def test_the_command_line_has_the_same_bound(capsys):
+    from config import TrainConfig
+    with pytest.raises(utils.UserError, match="parameters"):
+        TrainConfig(generator_channels=20_000)
+    with pytest.raises(utils.UserError, match="image_size"):
+        TrainConfig(image_size=2**14)
+    with pytest.raises(utils.UserError, match="--crop must be bool"):
+        TrainConfig(crop="no")

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -25,8 +26,8 @@ import training_state
 import utils
 from utils import UserError, load_checkpoint, save_checkpoint, save_json
 
-from conftest import (FailingFile, cli_flags, finish, logged_steps, start_script, temp_files,
-                      tiny_config)
+from conftest import (FailingFile, cli_flags, finish, logged_steps, output_flags, run_in_process,
+                      start_script, temp_files, tiny_config)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -224,7 +225,7 @@ def assert_all_files_load(out):
     for folder in (checkpoints, out, out / "samples"):
         for path in folder.iterdir() if folder.exists() else []:
             assert path.is_dir() or path.suffix in (".pth", ".json", ".png") or \
-                TEMP_NAME.fullmatch(path.name), path
+                TEMP_NAME.fullmatch(path.name) or path.name == training_state.RunLock.NAME, path
     return latest["step"]
 
 
@@ -262,12 +263,12 @@ def test_sigkill_at_any_moment_leaves_loadable_files(tmp_path, demo_set):
         step = assert_all_files_load(out)
         kills.append((moment, step, caught, temp_files(checkpoints) + temp_files(out)))
         last_save = mtime(checkpoints / "latest.pth")
-        command = ["--resume", checkpoints / "latest.pth"]
+        command = ["--resume", checkpoints / "latest.pth", *output_flags(config)]
 
     # Resuming after the last kill continues one log and removes the killed saves' leftovers.
     step = kills[-1][1]
     summary = train.main(["--resume", str(checkpoints / "latest.pth"), "--max_steps",
-                          str(step + 2)])
+                          str(step + 2), *output_flags(config)])
     assert summary["step"] == step + 2
     assert logged_steps(out / "log.json") == list(range(1, step + 3)), kills
     assert temp_files(checkpoints) == [] and temp_files(out) == [], kills
@@ -303,14 +304,15 @@ def test_signal_saves_a_resumable_checkpoint(signalled_runs, name):
     assert result.returncode == SIGNALS[name][1], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     latest = folder / "checkpoints" / "latest.pth"
-    match = re.search(r"interrupted at step (\d+); resume with: python train.py --resume (\S+)",
-                      result.stderr)
+    match = re.search(r"interrupted at step (\d+); resume with: python train.py --resume (\S+)"
+                      r"(.*)", result.stderr)
     assert match, result.stderr[-3000:]
     step = int(match[1])
     assert Path(match[2]) == latest and load_checkpoint(latest)["step"] == step
     assert logged_steps(folder / "log.json") == list(range(1, step + 1))
     # Resume as told: one log, no step repeated or missing.
-    summary = train.main(["--resume", match[2], "--max_steps", str(step + 3)])
+    summary = train.main(["--resume", match[2], *shlex.split(match[3]), "--max_steps",
+                          str(step + 3)])
     assert summary["step"] == step + 3 and not summary["interrupted"]
     assert logged_steps(folder / "log.json") == list(range(1, step + 4))
     assert temp_files(folder / "checkpoints") == []
@@ -335,7 +337,7 @@ def test_resume_at_any_step_reproduces_the_run(tmp_path, demo_set, uninterrupted
     latest = Path(config.checkpoint_dir) / "latest.pth"
     for stop in (*stops[1:], 0):
         assert load_checkpoint(latest)["step"] < (stop or 8)
-        train.main(["--resume", str(latest), "--max_steps", str(stop)])
+        train.main(["--resume", str(latest), "--max_steps", str(stop), *output_flags(config)])
 
     whole, whole_log = uninterrupted
     resumed = load_checkpoint(latest)
@@ -370,3 +372,54 @@ def test_a_full_disk_during_training_stops_and_keeps_the_last_checkpoint(tmp_pat
     assert str(latest) in str(error.value)
     assert load_checkpoint(latest)["step"] == 2
     assert temp_files(config.checkpoint_dir) == []
+
+
+# --- A file met mid-epoch that cannot be read; loader workers and signals --------------------
+
+
+def test_an_unreadable_file_mid_epoch_saves_then_stops_naming_it(tmp_path, demo_set, capsys,
+                                                                monkeypatch):
+    import dataset
+    config = tiny_config(tmp_path, demo_set, epochs=2, cache="off", checkpoint_every_steps=0)
+    real, reads = dataset.read_rgb, []
+
+    def read_rgb(path, *args, **kwargs):  # corrupt: the first file read after step 1
+        if Path(path).parent.name == "train" and Path(config.log_file).exists():
+            reads.append(path)
+            raise utils.UserError(f"{path}: cannot read the pair: corrupt or truncated")
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(dataset, "read_rgb", read_rgb)
+    status, _, err = run_in_process(train.main, cli_flags(config), capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert str(reads[0]) in err and "saving step 1" in err and "--resume" in err, err
+    latest = Path(config.checkpoint_dir) / "latest.pth"
+    assert utils.load_checkpoint(latest)["step"] == 1  # the step trained is kept
+    assert logged_steps(config.log_file) == [1]
+
+
+SPAWNED_TRAIN = """
+import multiprocessing, runpy, sys
+multiprocessing.set_start_method(sys.argv[1])
+sys.argv = ["train.py", *sys.argv[2:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_ctrl_c_with_spawned_loader_workers_saves(tmp_path, demo_set, method="spawn"):
+    # spawn (macOS) and forkserver (Linux from Python 3.14) both start workers in a fresh
+    # interpreter, with the default signal handlers: one of them proves the path.
+    config = tiny_config(tmp_path, demo_set, epochs=100, num_workers=1, cache="off")
+    process = subprocess.Popen(
+        [sys.executable, "-c", SPAWNED_TRAIN, method, *cli_flags(config)],
+        cwd=Path(train.__file__).parent, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    with ended(process):
+        assert wait_for(Path(config.log_file).exists, process)  # workers are serving batches
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        result = finish(process, timeout=60)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "exited unexpectedly" not in result.stderr and "Traceback" not in result.stderr
+    match = re.search(r"interrupted at step (\d+)", result.stderr)
+    assert match and utils.load_checkpoint(Path(config.checkpoint_dir) / "latest.pth")[
+        "step"] == int(match[1])

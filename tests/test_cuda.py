@@ -14,7 +14,7 @@ import runtime as rt
 import train
 from utils import load_checkpoint
 
-from conftest import tiny_config
+from conftest import as_flags, output_flags, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -51,7 +51,7 @@ def test_fp32_on_cuda_means_no_tf32(tmp_path, demo_set):
 
 def test_channels_last_compile_and_pinned_memory(tmp_path, demo_set):
     config = tiny_config(tmp_path, demo_set, epochs=1, device="cuda", precision="bf16",
-                         channels_last=True, compile=True, step_in_backward=True)
+                         channels_last="on", compile=True, step_in_backward=True)
     runtime = rt.Runtime(device=torch.device("cuda"))
     loader, _ = rt.build_train_loader(config, runtime)
     assert loader.pin_memory
@@ -62,9 +62,11 @@ def test_a_run_moves_between_the_cpu_and_a_gpu(tmp_path, demo_set):
     config = tiny_config(tmp_path, demo_set, epochs=3, max_steps=4, device="cpu")
     train.train(config)
     latest = Path(config.checkpoint_dir) / "latest.pth"
-    assert train.main(["--resume", str(latest), "--device", "cuda", "--max_steps", "8"])[
+    assert train.main(["--resume", str(latest), "--device", "cuda", "--max_steps", "8",
+                       *output_flags(config)])[
         "step"] == 8
-    assert train.main(["--resume", str(latest), "--device", "cpu", "--max_steps", "0"])[
+    assert train.main(["--resume", str(latest), "--device", "cpu", "--max_steps", "0",
+                       *output_flags(config)])[
         "step"] == 12
     generator, _ = inference.load_generator(Path(config.checkpoint_dir) / "generator.pth",
                                             "cuda")
@@ -85,7 +87,7 @@ def test_inference_on_cuda_in_each_precision(tmp_path, tiny_checkpoint):
 
 @needs_two
 def test_two_process_nccl_ddp(tmp_path, demo_set):
-    from test_distributed import TINY, as_flags, assert_identical, outputs, torchrun
+    from test_distributed import TINY, assert_identical, outputs, torchrun
     flags = as_flags(dict(TINY, data_dir=str(demo_set), batch_size=2, epochs=2, image_size=64,
                           device="cuda", **outputs(tmp_path / "ddp")))
     launch = torchrun(tmp_path / "ddp", flags)

@@ -9,7 +9,7 @@ from torch import nn
 
 import train
 from config import PRESETS, TrainConfig, apply_preset
-from conftest import tiny_config
+from conftest import output_flags, tiny_config
 from models import (ModelConfig, MultiScaleDiscriminator, PatchDiscriminator,
                     build_discriminator, count_parameters, per_scale)
 from utils import UserError, load_checkpoint
@@ -121,7 +121,8 @@ def test_a_run_with_both_levers_saves_them_and_resumes(tmp_path, demo_set):
     assert latest["config"]["model"]["discriminator_scales"] == 2
     assert latest["config"]["feature_matching"] == 10.0
     assert any(k.startswith("scale2.") for k in latest["discriminator"])
-    summary = train.main(["--resume", str(folder / "latest.pth"), "--max_steps", "5"])
+    summary = train.main(["--resume", str(folder / "latest.pth"), "--max_steps", "5",
+                          *output_flags(config)])
     assert summary["step"] == 5
     with pytest.raises(UserError, match="--feature_matching"):
         train.main(["--resume", str(folder / "latest.pth"), "--feature_matching", "1.0"])

@@ -23,49 +23,31 @@ import torch.nn as nn
 import runtime as rt
 import train
 from config import TrainConfig
-from demo.data import write_demo_dataset
 from inference import load_generator
 from runtime import EpochSampler
 from models import build_discriminator, build_generator
 from utils import UserError, load_checkpoint
 
+from conftest import TINY_TRAINING, as_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "ddp_worker.py"
-TINY = dict(image_size=32, generator_channels=8, discriminator_channels=8, num_workers=0,
-            log_every_steps=1, sample_every_steps=0, checkpoint_every_steps=0, precision="fp32",
-            # The paper's generator without weight averaging: the cancelled-bias count below is
-            # about its layers, and the saved generator is then the trained one (the EMA has its
-            # own tests in test_levers.py).
-            upsample="transposed", ema_decay=0.0)
+# The batch size is each test's own (per process under torchrun).
+TINY = {**{k: v for k, v in TINY_TRAINING.items() if k != "batch_size"},
+        # The paper's generator without weight averaging: the cancelled-bias count below is
+        # about its layers, and the saved generator is then the trained one (the EMA has its
+        # own tests in test_levers.py).
+        "upsample": "transposed", "ema_decay": 0.0}
 # Per sample, nothing random and nothing shared within a batch: the same global batch gives the
 # same gradients whether it is split over processes or not.
 DETERMINISTIC = dict(norm="instance", dropout=False, crop=False, flip=False)
 LAUNCH_SECONDS = 120
 
 
-@pytest.fixture(scope="module")
-def demo_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, num_train=8, num_val=2, size=32, seed=0)
-    return root
-
-
 def outputs(folder):
     folder = Path(folder)
     return dict(checkpoint_dir=str(folder / "checkpoints"), log_file=str(folder / "log.json"),
                 sample_dir=str(folder / "samples"))
-
-
-def as_flags(options):
-    flags = []
-    for name, value in options.items():
-        if value is True:
-            flags.append(f"--{name}")
-        elif value is False:
-            flags.append(f"--no_{name}")
-        else:
-            flags += [f"--{name}", str(value)]
-    return flags
 
 
 @dataclass
@@ -245,7 +227,9 @@ def test_checkpoints_move_between_one_and_two_processes(tmp_path, demo_set):
     two = tmp_path / "two"
     two.mkdir()
     shutil.copy(first.log_file, two / "log.json")
-    launch = torchrun(two, ["--resume", str(single_latest), "--epochs", "3",
+    (two / "checkpoints").mkdir()  # the run moves here: a resume writes where its flags say
+    shutil.copy(single_latest, two / "checkpoints" / "latest.pth")
+    launch = torchrun(two, ["--resume", str(two / "checkpoints" / "latest.pth"), "--epochs", "3",
                             *as_flags(outputs(two))])
     assert_succeeded(launch)
     ranks = launch.ranks

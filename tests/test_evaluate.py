@@ -9,7 +9,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, draw_label_map, draw_photo, run_scripts, save_image
+from conftest import (TINY_MODEL, assert_clean_failure, draw_label_map, draw_photo, run_scripts,
+                      save_image)
 from PIL import Image
 
 import cityscapes
@@ -120,7 +121,7 @@ def test_fid_of_generator_for_the_training_loop(make_dataset):
     from models import ModelConfig, build_generator
     data = make_dataset(splits=(("val", 4),), size=32)
     dataset = PairDataset(data / "val", image_size=32, train=False)
-    generator = build_generator(ModelConfig(image_size=32, generator_channels=8)).train()
+    generator = build_generator(ModelConfig(**TINY_MODEL)).train()
     cache = {}
     first = metrics.fid_of_generator(generator, dataset, "cpu", batch_size=3, cache=cache)
     assert generator.training  # its mode is restored

@@ -4,11 +4,14 @@ already lives in tests/test_bad_input.py (unreadable images, flags, checkpoints)
 tests/test_dataset.py (RGBA, palette, 16-bit grey, grayscale label maps, EXIF, orphans, sizes)."""
 
 import errno
+import json
 import os
 import re
 import struct
 import sys
+import tempfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,14 +26,13 @@ from cityscapes import COLORS
 from dataset import PairDataset, find_pairs, off_palette_pixels, read_rgb
 from utils import UserError
 
-from conftest import (FailingFile, draw_label_map, draw_photo, run_in_process, save_image,
-                      write_dataset)
+from conftest import (TINY_MODEL, FailingFile, as_flags, draw_label_map, draw_photo,
+                      run_in_process, save_image, write_dataset)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PALETTE = np.array(list(COLORS.values()), np.uint8)
-TINY_RUN = ["--image_size", "32", "--generator_channels", "8", "--discriminator_channels", "8",
-            "--epochs", "1", "--batch_size", "2", "--num_workers", "0"]
+TINY_RUN = [*as_flags(TINY_MODEL), "--epochs", "1", "--batch_size", "2", "--num_workers", "0"]
 
 
 def error_lines(stderr):
@@ -331,3 +333,160 @@ def test_ctrl_c_outside_training_exits_130_without_a_traceback(capsys):
     status, _, err = run_in_process(main, [], capsys)
     assert status == 130 and err.strip() == "interrupted; files written so far are complete"
     assert sys.exc_info() == (None, None, None)
+
+
+# --- Inference never writes over an input or over another output ---------------------------
+
+
+def test_inference_refuses_to_write_into_the_input_folder(tmp_path, tiny_checkpoint, capsys,
+                                                          rng):
+    folder = tmp_path / "maps"
+    save_image(draw_label_map(16, 16, rng), folder / "a.png")
+    before = (folder / "a.png").read_bytes()
+    for output in (folder, tmp_path / "." / "maps"):
+        status, _, err = run_in_process(inference.main, [
+            "--input_dir", folder, "--output_dir", output, "--model_path", tiny_checkpoint()],
+            capsys)
+        assert status == 2 and "Traceback" not in err
+        assert "--output_dir" in err and "input" in err, err
+    assert (folder / "a.png").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png"]
+
+
+def test_output_names_never_collide(tmp_path, tiny_checkpoint, capsys, rng):
+    inputs = tmp_path / "in"
+    for name in ("x.jpg", "x.png", "x.jpg.png", "y.png", "Y.png"):
+        save_image(draw_label_map(16, 16, rng), inputs / name)
+    files = sorted(inputs.iterdir())
+    targets = dict(zip((p.name for p in files), inference.output_paths(files, tmp_path / "out")))
+    assert len({t.name.casefold() for n, t in targets.items() if n.startswith("x")}) == 3
+    assert len(set(targets.values())) == 5 and targets["y.png"].name != targets["Y.png"].name
+    status, out, err = run_in_process(inference.main, [
+        "--input_dir", inputs, "--output_dir", tmp_path / "out", "--model_path",
+        tiny_checkpoint()], capsys)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert status == 0, err
+    assert len(written) == 5 and "wrote 5 image(s)" in out, (written, out)
+
+
+def test_output_names_that_still_collide_are_refused_before_the_first_image(tmp_path):
+    files = [tmp_path / "A.png", tmp_path / "a.png"]
+    with pytest.raises(UserError, match=r"A\.png.*a\.png"):
+        inference.output_paths(files, tmp_path / "out", case_sensitive=False)
+
+
+def test_an_unwritable_output_is_one_line_and_the_others_are_written(tmp_path, tiny_checkpoint,
+                                                                     capsys, monkeypatch, rng):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    long_name = "n" * 236 + ".png"  # legal (240 bytes); its temporary file's name would not be
+    for name in ("a.png", long_name, "b.png"):
+        save_image(draw_label_map(16, 16, rng), inputs / name)
+    status, out, err = run_in_process(inference.main, [
+        "--input_dir", inputs, "--output_dir", outputs, "--batch_size", "1",
+        "--model_path", tiny_checkpoint()], capsys)
+    assert status == 0 and "Traceback" not in err, err
+    assert sorted(p.name for p in outputs.iterdir()) == sorted(["a.png", "b.png", long_name])
+    # A read-only output folder (as a non-root user sees it): one line per file, every input
+    # tried, exit status 1.
+    readonly = tmp_path / "readonly"
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if Path(dir) == readonly:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return tempfile.mkstemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(utils.tempfile, "mkstemp", mkstemp)
+    status, out, err = run_in_process(inference.main, [
+        "--input_dir", inputs, "--output_dir", readonly, "--batch_size", "1",
+        "--model_path", tiny_checkpoint()], capsys)
+    assert status == 1 and "Traceback" not in err, err
+    lines = error_lines(err)
+    assert len(lines) == 3 and all(str(readonly) in line and "Permission denied" in line
+                                   for line in lines), lines
+    assert "wrote 0 image(s)" in out and "3 could not be written" in out, out
+
+
+def test_a_too_long_temporary_name_is_shortened(tmp_path):
+    path = tmp_path / ("n" * 250 + ".png")
+    utils.atomic_write(path, lambda f: f.write(b"x"))
+    assert path.read_bytes() == b"x" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# --- File names: non-ASCII digits, line breaks, bytes that are not UTF-8 --------------------
+
+ODD_NAMES = ["1\u00b22", "a\nb", os.fsdecode(b"bad\xff")]
+
+
+def test_odd_file_names_are_listed_sorted_and_named(tmp_path, tiny_checkpoint, capsys, rng):
+    train_dir = write_dataset(tmp_path / "data", splits=(("train", 2),)) / "train"
+    for name in ODD_NAMES:
+        (train_dir / f"{name}.jpg").write_bytes((train_dir / "1.jpg").read_bytes())
+    assert len(find_pairs(train_dir)[0]) == 5  # "²" is a digit to isdigit, not to int()
+    inputs = tmp_path / "in"
+    for name in ODD_NAMES:
+        save_image(draw_label_map(16, 16, rng), inputs / f"{name}.png")
+        (inputs / f"{name}_broken.png").write_bytes(b"not an image")
+    status, out, err = run_in_process(inference.main, [
+        "--input_dir", inputs, "--output_dir", tmp_path / "out", "--model_path",
+        tiny_checkpoint()], capsys)
+    assert status == 1 and "Traceback" not in err, err
+    lines = error_lines(err)
+    assert len(lines) == 3 and any("a\\nb_broken.png" in line for line in lines), lines
+    assert "wrote 3 image(s)" in out
+    assert len(list((tmp_path / "out").iterdir())) == 3
+
+
+def test_an_error_naming_a_file_with_a_line_break_stays_one_line(capsys):
+    def main(argv):
+        raise UserError("data/a\nb.jpg: cannot read the photo")
+    status, _, err = run_in_process(main, [], capsys)
+    assert status == 2 and err == "error: data/a\\nb.jpg: cannot read the photo\n"
+
+
+# --- evaluate.py --real_stats, plot_loss.py: files of the wrong shape -----------------------
+
+
+@pytest.mark.parametrize("content", ["empty", "text", "npy", "wrong keys", "text features",
+                                     "one row"])
+def test_a_foreign_real_stats_file_is_one_line(tmp_path, content):
+    import evaluate
+    import metrics
+    path = tmp_path / "stats.npz"
+    names = ["1.png", "2.png"]
+    good = dict(names_sha1=evaluate.names_digest(names),
+                preprocessing=metrics.INCEPTION_PREPROCESSING)
+    if content == "empty":
+        path.write_bytes(b"")
+    elif content == "text":
+        path.write_text("mu sigma")
+    elif content == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    elif content == "wrong keys":
+        with open(path, "wb") as f:
+            np.savez(f, something=np.zeros(3))
+    else:
+        features = np.array(["a", "b"]) if content == "text features" else np.zeros((1, 8))
+        with open(path, "wb") as f:
+            np.savez(f, features=features, **good)
+    with pytest.raises(UserError, match=re.escape(str(path))) as error:
+        evaluate.load_real_stats(path, names)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("steps", [[1, 2], [{"g_l1": 0.5}], [{"step": "one", "g_l1": 0.5}],
+                                   [{"step": 1, "g_l1": "high"}], [{"step": 1, "g_l1": None}]],
+                         ids=["numbers", "no step", "text step", "text loss", "null loss"])
+def test_a_log_of_the_wrong_shape_is_one_line(tmp_path, capsys, steps):
+    log = tmp_path / "log.json"
+    log.write_text(json.dumps({"steps": steps, "epochs": []}))
+    status, _, err = run_in_process(plot_loss.main, ["--log_file", log], capsys)
+    assert status == 2 and "Traceback" not in err and str(log) in err, err
+    assert "steps[0]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_log_epochs_of_the_wrong_shape_are_one_line(tmp_path, capsys):
+    log = tmp_path / "log.json"
+    for epochs in ([3], [{"epoch": 0, "val_l1": "x"}], {"0": 1}):
+        log.write_text(json.dumps({"steps": [{"step": 1, "g_l1": 0.5}], "epochs": epochs}))
+        status, _, err = run_in_process(plot_loss.main, ["--log_file", log], capsys)
+        assert status == 2 and "Traceback" not in err and "epochs" in err, err

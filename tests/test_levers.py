@@ -11,13 +11,13 @@ from torch import nn
 import train
 from cityscapes import PALETTE
 from config import PRESETS, TrainConfig, apply_preset
-from conftest import tiny_config
+from conftest import TINY_MODEL, output_flags, tiny_config
 from inference import load_generator
-from models import ModelConfig, build_discriminator, build_generator, count_parameters
+from models import (ModelConfig, ResizeConv2d, build_discriminator, build_generator,
+                    count_parameters)
 from training_state import GeneratorEMA
 from utils import UserError, load_checkpoint
 
-SMALL = {"generator_channels": 8, "discriminator_channels": 8, "image_size": 32}
 
 
 def test_the_paper_preset_gives_the_paper_networks():
@@ -51,9 +51,11 @@ def test_checkpoints_without_the_new_keys_get_the_paper_networks():
 
 def test_resize_upsampling_has_no_transposed_convolution():
     torch.manual_seed(0)
-    generator = build_generator(ModelConfig(**SMALL, upsample="resize"))
+    generator = build_generator(ModelConfig(**TINY_MODEL, upsample="resize"))
     assert not any(isinstance(m, nn.ConvTranspose2d) for m in generator.modules())
-    assert sum(isinstance(m, nn.Upsample) for m in generator.modules()) == generator.depth
+    resize_convs = [m for m in generator.modules() if isinstance(m, ResizeConv2d)]
+    assert len(resize_convs) == generator.depth  # each holds a 3x3 kernel, whatever it runs
+    assert all(m.conv.weight.shape[-2:] == (3, 3) for m in resize_convs)
     with torch.no_grad():
         assert generator(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="upsample"):
@@ -62,7 +64,7 @@ def test_resize_upsampling_has_no_transposed_convolution():
 
 def test_spectral_norm_bounds_every_discriminator_layer():
     torch.manual_seed(0)
-    discriminator = build_discriminator(ModelConfig(**SMALL, spectral_norm=True))
+    discriminator = build_discriminator(ModelConfig(**TINY_MODEL, spectral_norm=True))
     convs = [m for m in discriminator.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(hasattr(m, "parametrizations") for m in convs)
     label, photo = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
@@ -119,7 +121,8 @@ def test_generator_pth_holds_the_averaged_weights_and_a_resume_continues_both(tm
     assert saved["model"]["upsample"] == "resize"
     with torch.no_grad():
         assert generator(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
-    summary = train.main(["--resume", str(folder / "latest.pth"), "--max_steps", "5"])
+    summary = train.main(["--resume", str(folder / "latest.pth"), "--max_steps", "5",
+                          *output_flags(config)])
     assert summary["step"] == 5
 
 

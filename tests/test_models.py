@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import (ModelConfig, PatchDiscriminator, UNetGenerator, build_discriminator,
-                    build_generator, count_parameters)
+from models import (ModelConfig, PatchDiscriminator, ResizeConv2d, UNetGenerator,
+                    build_discriminator, build_generator, count_parameters, split_passes)
 
 SMALL = {"generator_channels": 8, "discriminator_channels": 8}
 
@@ -258,3 +258,155 @@ def test_output_depends_on_the_skip_connection():
         without_skip = generator(x)
         handle.remove()
     assert not torch.allclose(normal, without_skip)
+
+
+# --- The resize-convolution's folded computation, and D's stacked passes --------------------
+
+def resize_conv_outputs(module, x, grad, min_folded_area):
+    """(output, input grad, weight grad, bias grad) of `module` computed one way."""
+    module.min_folded_area = min_folded_area
+    x = x.detach().requires_grad_()
+    y = module(x)
+    return (y, *torch.autograd.grad(y, (x, module.conv.weight, module.conv.bias), grad))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 1, 1), (1, 4, 3, 5), (3, 6, 7, 4), (2, 8, 8, 8),
+                                   (1, 3, 12, 20)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_folded_resize_conv_is_upsample_then_conv(shape, dtype, tolerance):
+    """The transposed convolution with the folded 4x4 kernel computes nearest 2x + 3x3 conv,
+    forward and backward, at odd, non-square and 1x1 sizes (the U-Net's bottleneck)."""
+    torch.manual_seed(0)
+    module = ResizeConv2d(shape[1], 7, bias=True).to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    grad = torch.randn(shape[0], 7, 2 * shape[2], 2 * shape[3], dtype=dtype)
+    folded = resize_conv_outputs(module, x, grad, min_folded_area=1)
+    plain = resize_conv_outputs(module, x, grad, min_folded_area=None)
+    assert folded[0].shape == (shape[0], 7, 2 * shape[2], 2 * shape[3])
+    for a, b in zip(folded, plain):  # output, d/dx, d/dweight (the 3x3 kernel), d/dbias
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= tolerance * max(scale, 1)
+
+
+def test_folded_generator_gives_the_plain_generators_photos_and_gradients():
+    """A whole default generator, trained-looking weights (random batch-norm statistics too),
+    in eval and train mode at a non-square size: folded equals plain to fp32 rounding."""
+    torch.manual_seed(0)
+    generator = build_generator(ModelConfig(**SMALL, image_size=32, upsample="resize",
+                                            dropout=False))
+    with torch.no_grad():
+        for m in generator.modules():
+            if isinstance(m, nn.Conv2d):  # activations of order 1: no saturated tanh
+                m.weight.normal_(0, m.weight[0].numel() ** -0.5)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2)
+    x = torch.rand(2, 3, 64, 96) * 2 - 1
+
+    def run(min_folded_area, train_mode):
+        ResizeConv2d.min_folded_area = min_folded_area
+        generator.train(train_mode)
+        generator.zero_grad()
+        photo = generator(x)
+        photo.square().mean().backward()
+        return photo.detach(), [p.grad.clone() for p in generator.parameters()]
+
+    default = ResizeConv2d.min_folded_area
+    try:
+        for train_mode in (False, True):
+            folded, folded_grads = run(1, train_mode)
+            plain, plain_grads = run(None, train_mode)
+            assert folded.std() > 0.05  # photos with content, not a constant
+            assert (folded - plain).abs().max() < 1e-5
+            for a, b in zip(folded_grads, plain_grads):
+                assert (a - b).abs().max() <= 1e-4 * max(b.abs().max().item(), 1e-3)
+    finally:
+        ResizeConv2d.min_folded_area = default
+
+
+def test_resize_generator_keeps_its_checkpoint_format():
+    """State-dict keys and shapes as before the folded computation: old checkpoints load, and
+    the parameters are still the 3x3 kernels."""
+    generator = small_generator(upsample="resize")
+    shapes = {k: tuple(v.shape) for k, v in generator.state_dict().items()}
+    assert shapes["decoder.up1.conv.conv.weight"] == (3, 16, 3, 3)
+    assert shapes["decoder.up8.conv.conv.weight"] == (64, 64, 3, 3)
+    assert not any("resize" in key for key in shapes)
+
+
+def generator_forward_gflop(**options):
+    """GFLOP of a generator's forward at 256x256, as inference runs it (no gradients; the
+    first call folds the resize-convolutions' kernels, later ones reuse them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    generator = build_generator(ModelConfig(**options)).eval()
+    with torch.no_grad():
+        generator(torch.zeros(1, 3, 256, 256))
+        with FlopCounterMode(display=False) as counter:
+            generator(torch.zeros(1, 3, 256, 256))
+    return counter.get_total_flops() / 1e9
+
+
+def test_default_generator_costs_what_the_papers_costs():
+    """At 256x256 the resize-convolution generator's forward is within 3 % of the paper's
+    transposed convolutions (12.1 GFLOP), not the 22.2 GFLOP of upsampling first."""
+    paper = generator_forward_gflop(upsample="transposed")
+    default = generator_forward_gflop(upsample="resize")
+    assert 12.0 < paper < 12.2
+    assert default <= 12.5
+    ResizeConv2d.min_folded_area, default_area = None, ResizeConv2d.min_folded_area
+    try:
+        assert generator_forward_gflop(upsample="resize") > 22  # the plain computation
+    finally:
+        ResizeConv2d.min_folded_area = default_area
+    # One-hot input adds only its wider first layer: a channel per palette colour, not 3.
+    from cityscapes import PALETTE
+    onehot = generator_forward_gflop(upsample="resize", label_input="onehot")
+    first_layer = 2 * 128 * 128 * 64 * 16 * (len(PALETTE) - 3) / 1e9
+    assert onehot - default == pytest.approx(first_layer, rel=1e-6)
+
+
+@pytest.mark.parametrize("scales", [1, 2])
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_stacked_passes_give_the_logits_of_separate_passes(scales, norm):
+    """D judging real and fake pairs in one stacked pass gives each the logits (and batch-norm
+    running statistics) it gets alone: batch statistics are taken per pass."""
+    import copy
+    torch.manual_seed(0)
+    separate = build_discriminator(ModelConfig(**SMALL, image_size=64, norm=norm,
+                                               discriminator_scales=scales))
+    stacked = copy.deepcopy(separate)
+    label, real = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    fake = real + 0.5 * torch.randn(3, 3, 64, 64)  # other statistics than the real batch
+    expected = [separate(label, real), separate(label, fake)]
+    got = split_passes(stacked(torch.cat([label, label]), torch.cat([real, fake]), passes=2))
+    for want, have in zip(expected, got):
+        for a, b in zip(want if scales > 1 else [want], have if scales > 1 else [have]):
+            assert torch.allclose(a, b, atol=1e-5)
+    stacked_state = stacked.state_dict()
+    for key, value in separate.state_dict().items():  # running statistics updated alike
+        assert torch.allclose(value.float(), stacked_state[key].float(), atol=1e-6), key
+    if norm == "batch":  # the control: joint statistics of the six pairs give other logits
+        mixed = split_passes(stacked(torch.cat([label, label]), torch.cat([real, fake])))
+        first = (lambda out: out[0]) if scales > 1 else (lambda out: out)
+        assert not torch.allclose(first(mixed[0]), first(got[0]), atol=1e-3)
+
+
+def test_kept_folded_kernel_follows_weight_changes():
+    """Without gradients the folded kernel is reused, but never after the weight changed (an
+    optimiser step, a checkpoint loaded into the module)."""
+    torch.manual_seed(0)
+    module = ResizeConv2d(4, 5, bias=True)
+    module.min_folded_area = 1
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        first = module(x)
+        assert module(x).equal(first)
+        module.conv.weight.mul_(2)  # in place: the same storage, a new version
+        doubled = module(x)
+        module.load_state_dict({"conv.weight": torch.randn(5, 4, 3, 3),
+                                "conv.bias": torch.zeros(5)})
+        loaded = module(x)
+    module.min_folded_area = None
+    with torch.no_grad():
+        assert loaded.equal(module(x)) or (loaded - module(x)).abs().max() < 1e-5
+    assert not torch.allclose(doubled, first) and not torch.allclose(loaded, doubled)

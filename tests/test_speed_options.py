@@ -19,25 +19,17 @@ import runtime as rt
 import train
 from train import discriminator_loss
 from config import TrainConfig
-from demo.data import write_demo_dataset
 from runtime import build_train_loader, build_val_dataset
 from models import ModelConfig, build_generator
 from utils import load_checkpoint
 
+from conftest import TINY_MODEL, TINY_TRAINING
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(image_size=32, generator_channels=8, discriminator_channels=8, batch_size=2,
-            num_workers=0, log_every_steps=1, sample_every_steps=0, checkpoint_every_steps=0,
-            epochs=1, max_steps=3, dropout=False, precision="fp32")
+TINY = {**TINY_TRAINING, "epochs": 1, "max_steps": 3, "dropout": False}
 # Inductor's C++ build takes about a minute even for the tiny model on a small CPU.
 # Runs in CI (CI=true); elsewhere opt in, since the first inductor build takes about a minute.
 FULL_COMPILE = os.environ.get("PIX2PIX_TEST_COMPILE") == "1" or bool(os.environ.get("CI"))
-
-
-@pytest.fixture(scope="module")
-def demo_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, num_train=6, num_val=2, size=32, seed=0)
-    return root
 
 
 def run_tiny(tmp_path, data_dir, name, **options):
@@ -73,12 +65,12 @@ def test_bf16_autocast_on_cpu_trains_like_fp32(tmp_path, demo_set, fp32_run):
 
 
 def test_channels_last_and_fused_adam_match_fp32(tmp_path, demo_set, fp32_run):
-    losses, _ = run_tiny(tmp_path, demo_set, "fast", channels_last=True, fused_adam=True)
+    losses, _ = run_tiny(tmp_path, demo_set, "fast", channels_last="on", fused_adam=True)
     assert_close_losses(fp32_run[0], losses, rel=1e-3)
 
 
 def test_channels_last_reaches_weights_inputs_and_outputs():
-    config = TrainConfig(**{**TINY, "channels_last": True})
+    config = TrainConfig(**{**TINY, "channels_last": "on"})
     runtime = rt.Runtime(device=torch.device("cpu"), channels_last=True)
     generator = rt.prepare(build_generator(config.model_config()), config, runtime)
     conv = generator.encoder["down2"].conv.weight
@@ -143,18 +135,26 @@ def test_no_gradient_outlives_its_optimizer_step(tmp_path, demo_set, monkeypatch
     assert all(p.grad is None for net in networks for p in net.parameters())
 
 
-@pytest.mark.parametrize("where", [dict(world_size=2), dict(precision="fp16")])
-def test_step_in_backward_stays_off_under_ddp_and_fp16(where):
+@pytest.mark.parametrize("where, applies", [(dict(), True), (dict(world_size=2), False),
+                                            (dict(precision="fp16"), False)])
+def test_step_in_backward_stays_off_under_ddp_and_fp16(where, applies):
+    """--step_in_backward asked for: one fp32 process updates during backward (the control),
+    under DDP or fp16 backward leaves every gradient for optimizer.step() and no weight moves."""
     model = build_generator(ModelConfig(image_size=16, generator_channels=4))
-    config = TrainConfig(**{**TINY, "precision": where.get("precision", "fp32")})
+    config = TrainConfig(**{**TINY, "precision": where.get("precision", "fp32"),
+                            "step_in_backward": True})
     runtime = rt.Runtime(device=torch.device("cpu"), world_size=where.get("world_size", 1),
                          precision=config.precision)
     optimizer = train.build_adam(model, config, runtime.device)
-    assert train.step_in_backward(model, optimizer, config, runtime) is False
+    assert train.step_in_backward(model, optimizer, config, runtime) is applies
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.rand(2, 3, 16, 16)).square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters())  # left for optimizer.step()
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    if applies:  # updated and freed during backward
+        assert all(p.grad is None for p in model.parameters())
+        assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    else:
+        assert all(p.grad is not None for p in model.parameters())  # left for optimizer.step()
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_compile_traces_the_training_step(tmp_path, demo_set, fp32_run, monkeypatch):
@@ -187,14 +187,14 @@ def test_cached_loader_gives_the_same_batches_and_caches_validation(demo_set):
 # --- Inference options --------------------------------------------------------------------
 
 def translate(generator, arrays, **options):
-    config = {"model": ModelConfig(image_size=32, generator_channels=8).to_dict()}
+    config = {"model": ModelConfig(**TINY_MODEL).to_dict()}
     return inference.Translator(generator, config, "cpu", **options).translate(arrays)
 
 
 @pytest.fixture(scope="module")
 def generator_and_inputs():
     torch.manual_seed(0)
-    generator = build_generator(ModelConfig(image_size=32, generator_channels=8)).eval()
+    generator = build_generator(ModelConfig(**TINY_MODEL)).eval()
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
     return generator, arrays
@@ -238,7 +238,7 @@ def test_inference_compile_flag_compiles_and_freezes(tmp_path, tiny_checkpoint, 
 def test_compiled_frozen_generator_matches_eager(generator_and_inputs):
     generator, arrays = generator_and_inputs
     torch._dynamo.reset()
-    twin = build_generator(ModelConfig(image_size=32, generator_channels=8)).eval()
+    twin = build_generator(ModelConfig(**TINY_MODEL)).eval()
     twin.load_state_dict(generator.state_dict())  # before compiling: freezing packs the weights
     compiled = inference.optimize_generator(twin, compile=True)
     for a, b in zip(translate(generator, arrays), translate(compiled, arrays)):
@@ -295,7 +295,8 @@ def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(output.read_text())
-    assert results["flops"]["train_step"]["2"] > 0 and results["flops"]["generator_forward"] > 0
+    flops = results["flops"]["default"]
+    assert flops["train_step"]["2"] > 0 and flops["generator_forward"] > 0
     for part in ("train", "inference", "forward"):
         rows = {row["config"]: row for row in results[part]}
         assert set(rows) == {"fp32", "bf16+fused+cl+data"}

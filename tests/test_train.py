@@ -18,7 +18,7 @@ from inference import load_generator
 from models import build_generator
 from utils import UserError, load_checkpoint
 
-from conftest import tiny_config
+from conftest import TINY_MODEL, as_flags, output_flags, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 def run_script(script, *args, cwd=ROOT):
@@ -124,7 +124,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, demo_set, image_si
     assert train.train(part)["step"] == 5
     latest = Path(part.checkpoint_dir) / "latest.pth"
     assert load_checkpoint(latest)["samples_done"] == 2
-    summary = train.main(["--resume", str(latest), "--max_steps", "0"])
+    summary = train.main(["--resume", str(latest), "--max_steps", "0", *output_flags(part)])
     assert summary["step"] == 8
 
     a = load_checkpoint(Path(whole.checkpoint_dir) / "latest.pth")
@@ -153,7 +153,7 @@ def test_resume_refuses_to_change_the_model(tmp_path, demo_set):
 
 def test_options_run_and_stay_finite(tmp_path, demo_set):
     config = tiny_config(tmp_path, demo_set, epochs=1, norm="instance", dropout=False,
-                         gan_loss="lsgan", precision="bf16", channels_last=True,
+                         gan_loss="lsgan", precision="bf16", channels_last="on",
                          discriminator_layers=1, direction="photo2label", crop=False,
                          flip=False)
     summary = train.train(config)
@@ -174,8 +174,7 @@ def test_fid_during_training_is_logged(tmp_path, demo_set):
 
 def test_scripts_end_to_end(tmp_path, demo_set):
     out = tmp_path / "run"
-    result = run_script("train.py", "--data_dir", demo_set, "--epochs", "1", "--image_size",
-                        "32", "--generator_channels", "8", "--discriminator_channels", "8",
+    result = run_script("train.py", "--data_dir", demo_set, "--epochs", "1", *as_flags(TINY_MODEL),
                         "--batch_size", "4", "--num_workers", "0",
                         "--checkpoint_dir", out / "ckpt", "--log_file", out / "log.json",
                         "--sample_dir", out / "samples")
@@ -191,9 +190,8 @@ def test_scripts_end_to_end(tmp_path, demo_set):
 
 
 def test_demo_command_compares_with_lookup_table(tmp_path):
-    result = run_script("train.py", "--demo", "--data_dir", tmp_path / "demo", "--image_size",
-                        "32", "--epochs", "1", "--generator_channels", "8",
-                        "--discriminator_channels", "8", "--checkpoint_dir",
+    result = run_script("train.py", "--demo", "--data_dir", tmp_path / "demo",
+                        *as_flags(TINY_MODEL), "--epochs", "1", "--checkpoint_dir",
                         tmp_path / "ckpt", "--log_file", tmp_path / "log.json",
                         "--sample_dir", tmp_path / "samples", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

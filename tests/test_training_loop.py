@@ -12,16 +12,18 @@ import pytest
 import torch
 from torch import nn
 
+import app
 import inference
 import runtime as rt
 import train
 import training_state
 import utils
-from config import TrainConfig
+from config import TrainConfig, build_parser
 from training_state import CheckpointWriter, LossMeter, Progress, restore_training_state
 from utils import UserError, load_checkpoint
 
-from conftest import cli_flags, run_in_process, tiny_config, write_checkpoint
+from conftest import (TINY_MODEL, cli_flags, output_flags, run_in_process, tiny_config,
+                      write_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +55,8 @@ def test_a_second_identical_command_leaves_the_first_run_untouched(tmp_path, dem
 
     # --resume continues it (one more epoch) ...
     latest = Path(config.checkpoint_dir) / "latest.pth"
-    assert run_in_process(train.main, ["--resume", latest, "--epochs", "2"], capsys)[0] == 0
+    assert run_in_process(train.main, ["--resume", latest, "--epochs", "2", *output_flags(config)],
+                          capsys)[0] == 0
     assert load_checkpoint(latest)["step"] == 8
 
     # ... and --overwrite replaces it, stale grids of the old run included.
@@ -72,7 +75,7 @@ def test_a_resume_into_another_runs_folder_is_refused(tmp_path, demo_set):
     train.train(two)
     latest_one = Path(one.checkpoint_dir) / "latest.pth"
     with pytest.raises(UserError, match="another run's files"):
-        train.main(["--resume", str(latest_one), "--checkpoint_dir", two.checkpoint_dir])
+        train.main(["--resume", str(latest_one), *output_flags(two)])
 
 
 # --- The losses stay on the device between maintenance points --------------------------------
@@ -125,7 +128,7 @@ class Scale(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.tensor(float(weight)))
 
-    def forward(self, label, photo):
+    def forward(self, label, photo, passes=1):  # per pixel: stacked passes need no care
         return self.weight * photo.mean(1, keepdim=True)
 
 
@@ -169,7 +172,7 @@ def test_an_fp16_resume_of_a_run_that_was_not_fp16_starts_a_fresh_scale(tmp_path
     path = write_checkpoint(tmp_path / "latest.pth", latest=True)
     checkpoint = load_checkpoint(path)
     assert checkpoint["scaler"] == {}  # saved by a disabled scaler
-    config = TrainConfig(image_size=32, generator_channels=8, discriminator_channels=8)
+    config = TrainConfig(**TINY_MODEL)
     from models import build_discriminator, build_generator
     generator, discriminator = (build(config.model_config())
                                 for build in (build_generator, build_discriminator))
@@ -188,7 +191,8 @@ def test_no_fused_adam_on_resume_takes_effect(tmp_path, demo_set, monkeypatch):
     kernels, real = [], train.apply_adam_kernel
     monkeypatch.setattr(train, "apply_adam_kernel", lambda optimizer, *args: (
         real(optimizer, *args), kernels.append(optimizer.param_groups[0]["fused"])))
-    summary = train.main(["--resume", str(latest), "--no_fused_adam", "--max_steps", "4"])
+    summary = train.main(["--resume", str(latest), "--no_fused_adam", "--max_steps", "4",
+                          *output_flags(config)])
     assert summary["step"] == 4 and kernels == [None, None]
     assert not load_checkpoint(latest)["generator_optimizer"]["param_groups"][0]["fused"]
 
@@ -197,7 +201,8 @@ def test_epochs_and_decay_changed_on_resume_apply_from_the_next_epoch(tmp_path, 
     config = tiny_config(tmp_path, demo_set, epochs=2, lr=1e-3)
     train.train(config)  # 2 epochs of 4 steps at the full LR
     latest = Path(config.checkpoint_dir) / "latest.pth"
-    train.main(["--resume", str(latest), "--epochs", "4", "--decay_epochs", "3"])
+    train.main(["--resume", str(latest), "--epochs", "4", "--decay_epochs", "3",
+                *output_flags(config)])
     lrs = {e["epoch"]: e["lr"] for e in json.loads(Path(config.log_file).read_text())["steps"]}
     # Of 4 epochs the last 3 decay (factors 3/4, 2/4, 1/4): the resumed epochs 2 and 3 take
     # theirs at once (a scheduler stepped at epoch ends would still give epoch 2 the full LR).
@@ -276,6 +281,49 @@ def test_auto_precision_is_bf16_where_the_hardware_computes_it(monkeypatch, nati
         rt.resolve_precision("fp16", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_channels_last_auto_follows_the_precision(monkeypatch, tmp_path, demo_set, native):
+    """Default `auto`: channels-last on CUDA in bf16 or fp16, NCHW on the CPU whatever the
+    precision; the flags alone, `--no_`, and old checkpoints' booleans say on/off; train and
+    inference alike."""
+    monkeypatch.setattr(rt, "native_bf16", lambda device: native)
+    config = tiny_config(tmp_path, demo_set, precision="auto")
+    assert config.channels_last == "auto"
+    runtime = rt.setup(config)
+    assert (runtime.precision, runtime.channels_last) == ("bf16" if native else "fp32", False)
+    assert rt.setup(tiny_config(tmp_path, demo_set, channels_last="on")).channels_last
+    for precision, expected in (("bf16", True), ("fp16", True), ("tf32", False), ("fp32", False)):
+        assert rt.resolve_channels_last("auto", "cuda", precision) is expected
+        assert rt.resolve_channels_last("auto", "cpu", precision) is False
+    assert not rt.resolve_channels_last("off", "cuda", "bf16")
+    assert rt.resolve_channels_last("on", "cpu", "fp32")
+    parser = build_parser("")
+    assert vars(parser.parse_args(["--channels_last"]))["channels_last"] == "on"
+    assert vars(parser.parse_args(["--no_channels_last"]))["channels_last"] == "off"
+    assert vars(parser.parse_args(["--channels_last", "auto"]))["channels_last"] == "auto"
+    saved = config.to_dict()
+    for old, now in ((True, "on"), (False, "auto")):  # saved when it was an on/off flag
+        assert TrainConfig.from_dict({**saved, "channels_last": old}).channels_last == now
+    args = inference.parse(["--input_dir", "x", "--output_dir", "y"])
+    assert args.channels_last == "auto"
+    assert inference.parse(["--input_dir", "x", "--output_dir", "y",
+                            "--channels_last"]).channels_last == "on"
+
+
+@pytest.mark.parametrize("script", ["inference", "app"])
+def test_inference_and_app_take_the_same_speed_flags(script):
+    parse = {"inference": lambda argv: inference.parse(["--input_dir", "x", "--output_dir", "y",
+                                                        *argv]),
+             "app": app.parse}[script]
+    speed = lambda args: (args.device, args.precision, args.channels_last, args.compile)
+    assert speed(parse([])) == ("auto", "auto", "auto", False)
+    assert speed(parse(["--device", "cpu", "--precision", "bf16", "--channels_last",
+                        "--compile"])) == ("cpu", "bf16", "on", True)
+    assert parse(["--no_channels_last"]).channels_last == "off"
+    with pytest.raises(SystemExit):
+        parse(["--precision", "fp8"])
+
+
 def test_fp32_is_strict_on_cuda_in_training_and_inference_alike(monkeypatch):
     flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
     before = [getattr(owner, name) for owner, name in flags]
@@ -302,3 +350,106 @@ def test_training_and_inference_print_their_precision(tmp_path, demo_set, tiny_c
     inference.main(["--input_dir", str(tmp_path / "in"), "--output_dir",
                     str(tmp_path / "out"), "--model_path", str(tiny_checkpoint())])
     assert f"device cpu, precision {expected} (auto: " in capsys.readouterr().out
+
+
+# --- --overwrite removes only a run's own files; one run at a time per folder -------------
+
+def test_overwrite_never_removes_a_file_it_cannot_tell_is_a_runs(tmp_path, demo_set, capsys):
+    config = tiny_config(tmp_path, demo_set, epochs=1, max_steps=1)
+    flags = cli_flags(config)
+    notes = Path(config.log_file)
+    notes.write_text("my notes: do not lose")
+    foreign = Path(config.checkpoint_dir) / "latest.pth"
+    foreign.parent.mkdir()
+    torch.save({"weights": torch.zeros(2)}, foreign)  # a file of another project
+    status, _, err = run_in_process(train.main, [*flags, "--overwrite"], capsys)
+    assert status == 2 and "Traceback" not in err and "--overwrite removes only" in err, err
+    assert str(notes) in err and str(foreign) in err
+    assert notes.read_text() == "my notes: do not lose" and foreign.exists()
+    for path in (notes, foreign):
+        path.rename(path.with_name("moved_" + path.name))
+    # Its own files it removes, and says which.
+    status, out, _ = run_in_process(train.main, flags, capsys)
+    assert status == 0
+    status, out, _ = run_in_process(train.main, [*flags, "--overwrite"], capsys)
+    assert status == 0 and "--overwrite: removed" in out and str(notes) in out
+    assert "latest.pth" in out and "generator.pth" in out
+
+
+def hold_lock(folder):
+    """A process holding the run lock of `folder`, as a running train.py would."""
+    import subprocess
+    import sys
+    code = ("import sys, time; from training_state import RunLock; "
+            f"lock = RunLock({str(folder)!r}); lock.acquire(); print('held', flush=True); "
+            "time.sleep(60)")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=Path(train.__file__).parent,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_run_in_the_same_folder_is_refused_naming_the_process(tmp_path, demo_set,
+                                                                      capsys):
+    config = tiny_config(tmp_path, demo_set, epochs=1, max_steps=1)
+    Path(config.checkpoint_dir).mkdir()
+    holder = hold_lock(config.checkpoint_dir)
+    try:
+        for extra in ([], ["--overwrite"]):
+            status, _, err = run_in_process(train.main, [*cli_flags(config), *extra], capsys)
+            assert status == 2 and "Traceback" not in err, err
+            assert f"process {holder.pid}" in err and "a run is going on" in err, err
+        assert not Path(config.log_file).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # kill -9 leaves the lock file with a dead process id: stale, taken over.
+    lock = Path(config.checkpoint_dir) / training_state.RunLock.NAME
+    assert lock.read_text().strip() == str(holder.pid)
+    status, out, err = run_in_process(train.main, cli_flags(config), capsys)
+    assert status == 0, err
+    assert f"process {holder.pid}" in out and not lock.exists()  # released at the end
+
+
+def test_the_lock_is_released_when_a_run_fails(tmp_path, demo_set):
+    config = tiny_config(tmp_path, tmp_path / "missing", epochs=1)
+    with pytest.raises(UserError, match="data folder not found"):
+        train.train(config)
+    assert not (Path(config.checkpoint_dir) / training_state.RunLock.NAME).exists()
+    with training_state.RunLock(config.checkpoint_dir):  # free to take
+        with pytest.raises(UserError, match=f"process {__import__('os').getpid()}"):
+            training_state.RunLock(config.checkpoint_dir).acquire()
+
+
+def test_a_resume_writes_where_its_command_line_says(tmp_path, demo_set, capsys, monkeypatch):
+    config = tiny_config(tmp_path / "theirs", demo_set, epochs=2, max_steps=2)
+    train.train(config)
+    downloaded = tmp_path / "downloaded" / "latest.pth"
+    downloaded.parent.mkdir()
+    downloaded.write_bytes((Path(config.checkpoint_dir) / "latest.pth").read_bytes())
+    theirs = run_files(config)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    monkeypatch.chdir(mine)
+    status, _, err = run_in_process(train.main, ["--resume", downloaded, "--max_steps", "3"],
+                                    capsys)
+    assert status == 0, err
+    assert run_files(config) == theirs  # the folders saved in the file are left alone
+    assert load_checkpoint(mine / "checkpoints" / "latest.pth")["step"] == 3
+    assert (mine / "training_log.json").exists()
+    # ... and the full "no run replaces another" check applies to those folders.
+    status, _, err = run_in_process(train.main, ["--resume", downloaded, "--max_steps", "4"],
+                                    capsys)
+    assert status == 2 and "another run's files are there" in err, err
+
+
+@pytest.mark.parametrize("flag", ["sample_dir", "checkpoint_dir", "log_file"])
+def test_output_folders_inside_the_data_folder_are_refused(tmp_path, demo_set, capsys, flag):
+    inside = {"sample_dir": demo_set / "train", "checkpoint_dir": demo_set / "checkpoints",
+              "log_file": demo_set / "val" / "log.json"}[flag]
+    config = tiny_config(tmp_path, demo_set, epochs=1, max_steps=1)
+    before = sorted(demo_set.rglob("*"))
+    status, _, err = run_in_process(train.main, [*cli_flags(config), f"--{flag}", inside],
+                                    capsys)
+    assert status == 2 and "Traceback" not in err and f"--{flag}" in err, err
+    assert "inside --data_dir" in err and sorted(demo_set.rglob("*")) == before
