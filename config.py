@@ -9,13 +9,14 @@ import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from cityscapes import NUM_TRAIN_IDS
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
 from labelmaps import LABEL_FORMATS
 from models import LABEL_INPUTS, NORMS, UPSAMPLES, ModelConfig
 from runtime import CHANNELS_LAST_CHOICES, PRECISIONS
 from utils import RUNS_DIR, UserError
 
-GAN_LOSSES = ("bce", "lsgan", "hinge")
+GAN_LOSSES = ("bce", "lsgan", "hinge", "oasis")
 RUN_NAME = re.compile(r"[\w.-]+")
 CACHE_MODES = ("auto", "on", "off")
 
@@ -69,8 +70,10 @@ class TrainConfig:
     feature_matching: float = option(0.0, "weight of pix2pixHD's feature matching: L1 between "
                                      "D's features of real and generated pairs (0: off; "
                                      "pix2pixHD: 10)")
-    gan_loss: str = option("hinge", "adversarial loss: BCE on logits (paper), least squares or "
-                           "hinge", GAN_LOSSES)
+    gan_loss: str = option("hinge", "adversarial loss: BCE on logits (paper), least squares, "
+                           "hinge, or oasis: D segments the photo alone into 'fake' and the 19 "
+                           "Cityscapes classes, class-balanced (Schoenfeld et al. 2021)",
+                           GAN_LOSSES)
     ema_decay: float = option(0.999, "exponential moving average of the generator's weights, "
                               "used for validation, samples and generator.pth (0: off; e.g. "
                               "0.999)")
@@ -134,6 +137,9 @@ class TrainConfig:
         if self.label_input == "onehot" and self.direction != "label2photo":
             raise UserError("--label_input onehot reads label maps: it needs --direction "
                             "label2photo")
+        if self.gan_loss == "oasis" and self.direction != "label2photo":
+            raise UserError("--gan_loss oasis segments by the label maps' Cityscapes colours: "
+                            "it needs --direction label2photo")
         if self.fid_every_epochs and self.direction != "label2photo":
             raise UserError("--fid_every_epochs scores generated photos: it needs "
                             "--direction label2photo")
@@ -172,7 +178,9 @@ class TrainConfig:
                            norm=self.norm, dropout=self.dropout, upsample=self.upsample,
                            spectral_norm=self.spectral_norm,
                            discriminator_scales=self.discriminator_scales,
-                           label_input=self.label_input)
+                           label_input=self.label_input,
+                           discriminator_classes=NUM_TRAIN_IDS if self.gan_loss == "oasis"
+                           else 0)
 
     @property
     def discriminator_lr(self):
@@ -241,7 +249,7 @@ def check_model_values(values):
     values are (types, ranges, size) before anything is built; a UserError names the field."""
     if not isinstance(values, dict):
         raise UserError(f"'model' is a {type(values).__name__}, not a dict")
-    minimum = {"discriminator_layers": 0}
+    minimum = {"discriminator_layers": 0, "discriminator_classes": 0}
     for f in fields(ModelConfig):
         if f.name not in values:
             continue

@@ -152,6 +152,9 @@ class ModelConfig:
     spectral_norm: bool = False  # spectral norm on every discriminator convolution
     discriminator_scales: int = 1  # PatchGANs at full, 1/2, ... resolution (pix2pixHD: 2-3)
     label_input: str = "rgb"  # "rgb" colours, or "onehot": one channel per palette colour
+    # 0: D gives one real/fake logit per patch; N > 0 (OASIS): D sees the photo alone and gives
+    # N + 1 logits per patch, "fake" and the N label classes.
+    discriminator_classes: int = 0
 
     def __post_init__(self):
         norm_layer(self.norm)  # validates the name
@@ -168,6 +171,8 @@ class ModelConfig:
             raise ValueError("discriminator_layers must be >= 0")
         if self.discriminator_scales < 1:
             raise ValueError("discriminator_scales must be >= 1")
+        if self.discriminator_classes < 0:
+            raise ValueError("discriminator_classes must be >= 0")
         # The coarsest PatchGAN needs at least one logit: its stride-2 blocks, then two
         # 4x4 stride-1 convolutions that each take a pixel off.
         coarsest = size // 2 ** (self.discriminator_scales - 1)
@@ -274,15 +279,19 @@ class PatchDiscriminator(nn.Module):
 
     `num_layers` stride-2 blocks then a stride-1 block and a 1-channel head: 3 layers give the
     paper's 70x70 patches (30x30 logits at 256x256), 1 gives 16x16, 5 gives 286x286; 0 gives the
-    1x1 PixelGAN. Input: label map and photo concatenated on channels.
+    1x1 PixelGAN. Input: label map and photo concatenated on channels; with `num_classes` N > 0
+    (OASIS, Schoenfeld et al. 2021) the photo alone, and N + 1 logits per patch ("fake", then
+    the N classes): a D that saw the label map could read the layout off it instead of the photo.
     """
 
     def __init__(self, in_channels=6, base_channels=64, num_layers=3, norm="batch",
-                 spectral_norm=False, label_input="rgb"):
+                 spectral_norm=False, label_input="rgb", num_classes=0):
         super().__init__()
-        self.label_encoding = label_encoding(label_input)
-        if label_input == "onehot":  # the K class channels instead of the 3 colour ones
+        self.conditional = num_classes == 0
+        self.label_encoding = label_encoding(label_input) if self.conditional else nn.Identity()
+        if label_input == "onehot" and self.conditional:  # K class channels, not 3 colours
             in_channels += self.label_encoding.channels - 3
+        head_channels = num_classes + 1 if num_classes else 1
         make_norm = norm_layer(norm)
         bias = norm == "instance"
         layers = OrderedDict()
@@ -292,7 +301,7 @@ class PatchDiscriminator(nn.Module):
             layers["conv2"] = nn.Conv2d(base_channels, 2 * base_channels, 1, bias=bias)
             layers["norm2"] = make_norm(2 * base_channels)
             layers["act2"] = nn.LeakyReLU(0.2, inplace=True)
-            layers["head"] = nn.Conv2d(2 * base_channels, 1, 1, bias=bias)  # as the reference
+            layers["head"] = nn.Conv2d(2 * base_channels, head_channels, 1, bias=bias)
         else:
             c_out = base_channels
             layers["conv1"] = nn.Conv2d(in_channels, c_out, 4, stride=2, padding=1)
@@ -304,7 +313,7 @@ class PatchDiscriminator(nn.Module):
                                                bias=bias)
                 layers[f"norm{k}"] = make_norm(c_out)
                 layers[f"act{k}"] = nn.LeakyReLU(0.2, inplace=True)
-            layers["head"] = nn.Conv2d(c_out, 1, 4, stride=1, padding=1)
+            layers["head"] = nn.Conv2d(c_out, head_channels, 4, stride=1, padding=1)
         self.layers = nn.Sequential(layers)
         init_weights(self)
         if spectral_norm:  # Miyato et al. 2018: each layer 1-Lipschitz, applied after the init
@@ -320,7 +329,7 @@ class PatchDiscriminator(nn.Module):
         that go through the convolutions together, in larger matrix products, while each
         normalisation layer takes each one's statistics on its own: the logits of separate
         passes. (Spectral norm's power iteration then runs once for all of them.)"""
-        x = torch.cat([self.label_encoding(label), photo], dim=1)
+        x = torch.cat([self.label_encoding(label), photo], dim=1) if self.conditional else photo
         if not return_features and passes == 1:
             return self.layers(x)
         features = []
@@ -378,10 +387,12 @@ def build_generator(config: ModelConfig) -> UNetGenerator:
 
 def build_discriminator(config: ModelConfig) -> nn.Module:
     """One PatchGAN (state-dict keys `layers.*`), or a MultiScaleDiscriminator of them."""
-    options = dict(in_channels=config.in_channels + config.out_channels,
+    conditional = config.discriminator_classes == 0
+    options = dict(in_channels=config.out_channels + (config.in_channels if conditional else 0),
                    base_channels=config.discriminator_channels,
                    num_layers=config.discriminator_layers, norm=config.norm,
-                   spectral_norm=config.spectral_norm, label_input=config.label_input)
+                   spectral_norm=config.spectral_norm, label_input=config.label_input,
+                   num_classes=config.discriminator_classes)
     if config.discriminator_scales == 1:
         return PatchDiscriminator(**options)
     return MultiScaleDiscriminator(config.discriminator_scales, **options)

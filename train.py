@@ -25,6 +25,7 @@ import metrics
 import runtime as rt
 from checkpoints import (CheckpointWriter, Progress, load_resume_state, restore_training_state,
                          run_file, save_checkpoints)
+from cityscapes import IGNORE_ID, LABELS, MAX_COLOR_DISTANCE, PALETTE
 from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_for_resume,
                     run_paths)
 from models import build_discriminator, build_generator, per_scale, split_passes
@@ -34,14 +35,18 @@ from utils import UserError, make_folder, one_line, psnr, run_cli
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
 
-def gan_loss(logits, is_real, kind="bce", for_generator=False):
+def gan_loss(logits, is_real, kind="bce", for_generator=False, classes=None):
     """Adversarial loss of a batch of PatchGAN logits against an all-real or all-fake target.
 
     Hinge (Lim & Ye 2017, as in SAGAN/SPADE): D pushes real logits above 1 and fake below -1;
-    G (`for_generator`) raises the fake logits without a margin. A list (one grid per scale of a
-    multi-scale D) gives the mean of the scales' losses."""
+    G (`for_generator`) raises the fake logits without a margin. OASIS: `classes` (from
+    layout_classes) are the targets of "real", class 0 of "fake" (oasis_loss). A list (one grid
+    per scale of a multi-scale D) gives the mean of the scales' losses."""
     if isinstance(logits, list):
-        return sum(gan_loss(x, is_real, kind, for_generator) for x in logits) / len(logits)
+        return sum(gan_loss(x, is_real, kind, for_generator, classes)
+                   for x in logits) / len(logits)
+    if kind == "oasis":  # G asks for its photo's pixels to be segmented as the label map says
+        return oasis_loss(logits, classes, is_real)
     if kind == "hinge":
         logits = logits.float()
         if for_generator:
@@ -55,18 +60,56 @@ def gan_loss(logits, is_real, kind="bce", for_generator=False):
     raise ValueError(f"unknown GAN loss {kind!r}; choose bce, lsgan or hinge")
 
 
-def discriminator_loss(real_logits, fake_logits, kind="bce"):
+def discriminator_loss(real_logits, fake_logits, kind="bce", classes=None):
     """(loss, real part, fake part); halved as in the paper, to slow D relative to G."""
-    real = gan_loss(real_logits, True, kind)
-    fake = gan_loss(fake_logits, False, kind)
+    real = gan_loss(real_logits, True, kind, classes=classes)
+    fake = gan_loss(fake_logits, False, kind, classes=classes)
     return 0.5 * (real + fake), real, fake
 
 
-def generator_loss(fake_logits, fake, target, lambda_l1, kind="bce"):
+def generator_loss(fake_logits, fake, target, lambda_l1, kind="bce", classes=None):
     """(loss, adversarial part, L1 part): fool D, and stay near the target in L1."""
-    adversarial = gan_loss(fake_logits, True, kind, for_generator=True)
+    adversarial = gan_loss(fake_logits, True, kind, for_generator=True, classes=classes)
     l1 = F.l1_loss(fake.float(), target.float())
     return adversarial + lambda_l1 * l1, adversarial, l1
+
+
+IGNORED_CLASS = -100  # F.cross_entropy's default ignore_index
+_TRAIN_IDS = torch.tensor([train_id for _, train_id, _ in LABELS])
+
+
+def layout_classes(label, max_distance=MAX_COLOR_DISTANCE):
+    """(B, 3, H, W) colour label maps in [-1, 1] -> (B, H, W) int64 OASIS targets: 1 + the
+    train ID of each pixel's nearest palette colour (0 is "fake"); IGNORED_CLASS for void
+    classes and for pixels farther than `max_distance` from every colour (blended borders),
+    the rule of cityscapes.decode_train_ids, on the device."""
+    colours = ((label.float() + 1) * 127.5).round()
+    palette = torch.tensor(PALETTE, dtype=torch.float32, device=label.device)
+    distances = (colours[:, None] - palette[None, :, :, None, None]).square().sum(2)
+    nearest, index = distances.min(1)  # (B, H, W) squared distance, palette index
+    train_ids = _TRAIN_IDS.to(label.device)[index]
+    ignored = (train_ids == IGNORE_ID) | (nearest > max_distance ** 2)
+    return torch.where(ignored, IGNORED_CLASS, train_ids + 1)
+
+
+def oasis_loss(logits, classes, to_classes):
+    """OASIS's adversarial loss (Schoenfeld et al., ICLR 2021): D's (B, N+1, h, w) logits,
+    upsampled to the label size, against `classes` (`to_classes`: D on real photos, and G on
+    its fakes) or against class 0, "fake" (D on fakes). The class targets are balanced: each
+    class present in the batch weighs as much in total, inverse to its pixel count, so a pole
+    counts as much as the road."""
+    logits = F.interpolate(logits.float(), size=classes.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    if not to_classes:
+        return F.cross_entropy(logits, torch.zeros_like(classes).masked_fill(
+            classes == IGNORED_CLASS, IGNORED_CLASS))
+    labelled = classes != IGNORED_CLASS
+    counts = torch.bincount(classes[labelled], minlength=logits.shape[1]).float()
+    present = (counts > 0).sum().clamp_min(1)
+    # Mean weight over the labelled pixels is 1: the loss keeps the scale of plain CE.
+    weights = (labelled.sum() / (present * counts.clamp_min(1)))[classes.clamp_min(0)]
+    per_pixel = F.cross_entropy(logits, classes, ignore_index=IGNORED_CLASS, reduction="none")
+    return (per_pixel * weights * labelled).sum() / labelled.sum().clamp_min(1)
 
 
 def feature_matching_loss(real_features, fake_features):
@@ -147,6 +190,8 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     """One pix2pix update of D, then G. Returns the losses (g_adv, g_l1, d_real, d_fake) as one
     tensor on the device, unread: reading it would make the CPU wait for the GPU."""
     generator_optimizer, discriminator_optimizer = optimizers
+    # OASIS: the label map's classes are D's and G's targets (passed only then, as a keyword).
+    layout = {"classes": layout_classes(source)} if config.gan_loss == "oasis" else {}
     with runtime.autocast():
         fake = nets.generator_step(source)
 
@@ -156,7 +201,8 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     with runtime.autocast():  # a multi-scale D gives a list of logit grids: gan_loss takes both
         real_logits, fake_logits = split_passes(nets.discriminator_step(
             torch.cat([source, source]), torch.cat([target, fake.detach()]), passes=2))
-        d_loss, d_real, d_fake = discriminator_loss(real_logits, fake_logits, config.gan_loss)
+        d_loss, d_real, d_fake = discriminator_loss(real_logits, fake_logits, config.gan_loss,
+                                                    **layout)
     scaler.scale(d_loss).backward()
     scaler.step(discriminator_optimizer)
     discriminator_optimizer.zero_grad(set_to_none=True)  # freed now, not kept for a step
@@ -168,7 +214,7 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     with runtime.autocast():
         fake_logits, fake_features = per_scale(nets.discriminator_frozen(source, fake, **matching))
         g_loss, g_adv, g_l1 = generator_loss(fake_logits, fake, target, config.lambda_l1,
-                                             config.gan_loss)
+                                             config.gan_loss, **layout)
         if matching:
             with torch.no_grad():
                 _, real_features = per_scale(nets.discriminator_frozen(source, target, **matching))

@@ -82,12 +82,26 @@ def predict(network, photos, batch_size=32):
                       for i in range(0, len(photos), batch_size)])
 
 
-def consistency(network, photos, train_ids):
+def classes_present(train_ids, min_share=1e-3):
+    """The train IDs that hold at least `min_share` of the labelled pixels (CamVid: its 11
+    classes; stray JPEG colours near another palette colour stay below the share)."""
+    counts = torch.bincount(train_ids[train_ids != 255].flatten(), minlength=NUM_TRAIN_IDS)
+    return [c for c in range(NUM_TRAIN_IDS) if counts[c] >= min_share * counts.sum()]
+
+
+def consistency(network, photos, train_ids, classes=None):
     """Pixel accuracy, mean class accuracy and mean IoU of `network` on photos against the
-    train IDs of the label maps they should show (metrics.segmentation_scores)."""
+    train IDs of the label maps they should show (metrics.segmentation_scores); with
+    `classes`, the means are over those classes only (a class of the list that is absent from
+    both the truth and the prediction is left out)."""
     confusion = metrics.confusion_matrix(predict(network, photos), train_ids, NUM_TRAIN_IDS)
     scores = metrics.segmentation_scores(confusion)
-    return {k: scores[k] for k in ("pixel_accuracy", "mean_class_accuracy", "mean_iou")}
+    values = {k: scores[k] for k in ("pixel_accuracy", "mean_class_accuracy", "mean_iou")}
+    if classes is not None:
+        ious = [scores["class_iou"][c] for c in classes if scores["class_iou"][c] is not None]
+        values["mean_iou"] = sum(ious) / len(ious) if ious else None
+        values["class_iou"] = {c: scores["class_iou"][c] for c in classes}
+    return values
 
 
 def cached_segmenter(path, key, train_photos, train_ids, steps=400, log=print):

@@ -2,12 +2,16 @@
 and one tiny run end to end (no Inception: --no_fid)."""
 
 import json
+import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmark import quality
 from benchmark import segmenter as seg
+from dataset import PairDataset
 
 
 def run(config, seed, **values):
@@ -61,3 +65,102 @@ def test_one_tiny_benchmark_run(tmp_path, capsys):
 def test_unknown_configurations_are_refused():
     with pytest.raises(SystemExit):
         quality.parse(["--configs", "paper,nonsense"])
+
+
+def test_artefacts_see_a_cast_edge_stripes_and_a_grid():
+    torch.manual_seed(0)
+    real = torch.rand(4, 3, 32, 32) * 1.6 - 0.8
+    same = quality.artefacts(real, real)
+    assert same["mean_shift"] == 0 and math.isclose(same["grid_power_ratio"], 1.0)
+    assert same["std_ratio"] == 1.0
+    cast = real.clone()
+    cast[:, 1] += 0.2  # green by 25.5 levels
+    assert math.isclose(quality.artefacts(cast, real)["mean_shift"], 25.5, rel_tol=1e-4)
+    striped = real.clone()
+    striped[..., :2] = 1.0  # bright columns at the left edge
+    profile = quality.artefacts(striped, real)
+    assert profile["edge_error_ratio"] > 3
+    assert quality.artefacts(real + 0.05, real)["edge_error_ratio"] == pytest.approx(1.0)
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2 * 0.4 - 0.2
+    gridded = (real + checker).clamp(-1, 1)
+    assert quality.artefacts(gridded, real)["grid_power_ratio"] > 2
+
+
+def test_equal_time_takes_each_run_at_its_last_point_within_the_shortest_run():
+    runs = [run("slow", 0, step=100, train_seconds=50.0), run("slow", 0, step=200,
+                                                             train_seconds=100.0),
+            run("fast", 0, step=100, train_seconds=30.0), run("fast", 0, step=200,
+                                                             train_seconds=60.0),
+            run("slow", 1, step=200, train_seconds=40.0), run("fast", 1, step=200,
+                                                             train_seconds=41.0)]
+    chosen = {(r["config"], r["seed"]): r["step"] for r in quality.at_equal_time(runs)}
+    # Seed 0: within fast's 60 s slow has reached step 100; seed 1: both within 5 %.
+    assert chosen == {("slow", 0): 100, ("fast", 0): 200, ("slow", 1): 200, ("fast", 1): 200}
+    assert quality.score_steps(300, 3) == [100, 200, 300]
+
+
+def test_consistency_over_the_classes_of_the_data_only():
+    ids = torch.zeros(2, 8, 8, dtype=torch.long)
+    ids[:, 4:] = 10  # road and sky
+    ids[0, 0, 0] = 13  # one stray car pixel: below the share
+    assert seg.classes_present(ids, min_share=0.05) == [0, 10]
+
+    class Constant(torch.nn.Module):  # says "road" everywhere
+        def forward(self, photo):
+            logits = torch.zeros(len(photo), 19, *photo.shape[-2:])
+            logits[:, 0] = 1
+            return logits
+
+    photos = torch.zeros(2, 3, 8, 8)
+    scores = seg.consistency(Constant(), photos, ids, classes=[0, 10])
+    # Road IoU 63/128 (64 road pixels less the car, 128 predicted), sky 0: mean over 2.
+    assert scores["mean_iou"] == pytest.approx((63 / 128 + 0) / 2)
+    assert set(scores["class_iou"]) == {0, 10}
+
+
+CAMVID = Path(os.environ.get("PIX2PIX_CAMVID", Path(__file__).resolve().parents[1].parent /
+                             "shared" / "camvid"))
+
+
+@pytest.mark.skipif(not (CAMVID / "train").is_dir(), reason="../shared/camvid is not here")
+def test_camvid_labels_hold_camvids_classes_in_cityscapes_train_ids():
+    data = PairDataset(CAMVID / "val", image_size=32, train=False, label_side="right")
+    assert len(data) == 101
+    labels = torch.stack([data[i]["source"] for i in range(0, 101, 10)])
+    present = seg.classes_present(seg.train_ids_of(labels))
+    camvid = {0, 1, 2, 4, 5, 7, 8, 10, 11, 12, 13}  # README: the 11 classes' train IDs
+    assert {0, 2, 10, 13} <= set(present) <= camvid
+
+
+def test_the_judge_probes_score_the_real_photos_blurred_and_checkerboarded():
+    ids = torch.zeros(2, 16, 16, dtype=torch.long)
+    ids[:, :, ::2] = 10  # one-pixel stripes: blurring them away costs the judge everything
+
+    class ByBrightness(torch.nn.Module):  # bright pixel -> sky, dark -> road
+        def forward(self, photo):
+            logits = torch.zeros(len(photo), 19, *photo.shape[-2:])
+            logits[:, 10] = photo.mean(1)
+            return logits
+
+    photos = torch.where(ids[:, None] == 10, 0.5, -0.5).expand(-1, 3, -1, -1)
+    probes = quality.judge_probes(ByBrightness(), photos, ids, [0, 10])
+    assert probes["real"] == 1.0 and probes["checkerboard"] == 1.0
+    assert probes["blurred"] < 0.7
+
+
+def test_precise_batch_norm_recomputes_the_statistics_of_the_weights_scored():
+    from models import ModelConfig, build_generator
+    torch.manual_seed(0)
+    generator = build_generator(ModelConfig(image_size=16, generator_channels=4)).eval()
+    norm = generator.decoder["up2"].norm
+    norm.running_mean.fill_(5.0)  # statistics of other weights, as the EMA's copied ones
+    labels = torch.rand(32, 3, 16, 16) * 2 - 1
+    fixed = quality.precise_batch_norm(generator, labels, batch_size=8)
+    assert norm.running_mean.eq(5.0).all()  # the scored copy changes, not the original
+    fixed_norm = fixed.decoder["up2"].norm
+    assert not fixed.training and fixed_norm.running_mean.abs().max() < 1
+    # Statistics of its own inputs: eval mode now normalises them to about zero mean.
+    captured = []
+    fixed_norm.register_forward_hook(lambda m, i, o: captured.append(o))
+    fixed(labels)
+    assert captured[0].mean((0, 2, 3)).abs().max() < 0.1
