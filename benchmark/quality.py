@@ -206,7 +206,7 @@ def run_config(name, seed, args, shared, log=print):
                  checkpoint_dir=str(run_dir / "checkpoints"),
                  log_file=str(run_dir / "training_log.json"), sample_dir=str(run_dir / "samples"))
     import train  # after the arguments are checked: it pulls in the whole training stack
-    from training_state import load_resume_state
+    from checkpoints import load_resume_state
     points = score_steps(args.steps, args.score_points)
     latest = run_dir / "checkpoints" / "latest.pth"
     if args.score_only:

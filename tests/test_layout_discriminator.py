@@ -13,7 +13,7 @@ from cityscapes import COLORS, NUM_TRAIN_IDS
 from config import TrainConfig
 from conftest import tiny_config
 from models import ModelConfig, build_discriminator
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 
 def label_map(colours):
