@@ -57,10 +57,13 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; "
                            "frame-ancestors 'none'")
 # What a client may cost the server: every request (its reading, decoding, snapping and
 # waiting for the generator) has a total deadline; connections and concurrent decodes are
-# capped, and a request over a cap is answered 503 at once.
+# capped. A connection over its cap is answered 503 at once; a request waits for a decode slot
+# up to DECODE_WAIT_SECONDS (a few users, or live mode beside a download, are served in turn),
+# then 503.
 REQUEST_SECONDS = 30.0
 MAX_CONNECTIONS = 32
 MAX_DECODES = 2  # a 2048x2048 decode and snap takes ~100 MB: two at a time
+DECODE_WAIT_SECONDS = 10.0
 MAX_PATH_CHARS = 200
 BUSY_BODY = b'{"error": "the server is busy; try again in a moment"}'
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -217,7 +220,8 @@ class AppServer(ThreadingHTTPServer):
 
     def __init__(self, address, service, max_body_bytes=MAX_BODY_BYTES, verbose=False,
                  allowed_hosts=(), request_seconds=REQUEST_SECONDS,
-                 max_connections=MAX_CONNECTIONS, max_decodes=MAX_DECODES):
+                 max_connections=MAX_CONNECTIONS, max_decodes=MAX_DECODES,
+                 decode_wait_seconds=DECODE_WAIT_SECONDS):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, AppHandler)
         self.service = service
@@ -230,6 +234,7 @@ class AppServer(ThreadingHTTPServer):
         self.request_seconds = request_seconds
         self.connections = threading.BoundedSemaphore(max_connections)
         self.decodes = threading.BoundedSemaphore(max_decodes)
+        self.decode_wait_seconds = decode_wait_seconds
 
     def process_request(self, request, client_address):
         """A thread per connection, up to max_connections; over that, 503 and close."""
@@ -353,7 +358,9 @@ class AppHandler(BaseHTTPRequestHandler):
             return
         try:
             body = self.read_body()
-            if not self.server.decodes.acquire(blocking=False):
+            wait = min(self.server.decode_wait_seconds, max(0.0, self.deadline.remaining())) \
+                if self.deadline else self.server.decode_wait_seconds
+            if not self.server.decodes.acquire(timeout=wait):
                 raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is busy; try "
                                    "again in a moment")
             try:  # decoding and snapping: the memory a request costs, bounded by the cap

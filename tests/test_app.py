@@ -425,14 +425,23 @@ def raw_exchange(server, data, timeout=10.0, drip=None):
 
 
 def test_a_full_decode_cap_answers_503(small_server):
-    server = small_server(max_decodes=1)
-    server.decodes.acquire()  # a decode in progress
+    server = small_server(max_decodes=1, decode_wait_seconds=0.3)
+    server.decodes.acquire()  # a decode in progress, for longer than a request waits
     try:
+        started = time.monotonic()
         status, headers, answer = request(server, "POST", "/api/translate",
                                           png_bytes(street(32, 32)), "image/png")
         assert status == 503 and "busy" in json.loads(answer)["error"]
+        assert time.monotonic() - started >= 0.3  # it waited its turn first
     finally:
         server.decodes.release()
+    assert translate(server, street(32, 32)).shape == (32, 32, 3)
+
+
+def test_a_request_waits_for_a_decode_slot_and_is_served(small_server):
+    server = small_server(max_decodes=1, decode_wait_seconds=10)
+    server.decodes.acquire()  # a decode in progress, ending in 0.3 s
+    threading.Timer(0.3, server.decodes.release).start()
     assert translate(server, street(32, 32)).shape == (32, 32, 3)
 
 
