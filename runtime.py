@@ -80,15 +80,15 @@ def autocast(device, precision):
 # --- Memory format --------------------------------------------------------------------------
 
 CHANNELS_LAST_CHOICES = ("auto", "on", "off")
-CHANNELS_LAST_PRECISIONS = ("bf16", "fp16")  # where `auto` turns it on, on CUDA
+CHANNELS_LAST_PRECISIONS = ("bf16", "fp16")  # where `auto` turns it on
 
 
 def resolve_channels_last(setting, device, precision):
     """Whether to run channels-last: `on`/`off` as asked (a bool, from callers, counts as
-    on/off); `auto`: on CUDA where the decided precision is bf16 or fp16 (the layout cuDNN's
-    tensor-core kernels take without reordering), off on the CPU, where it was measured no
-    faster in training and slower in inference for the default generator (docs/performance.md;
-    its transposed convolutions have no faster channels-last kernel in oneDNN)."""
+    on/off); `auto`: where the decided precision is bf16 or fp16. On the CPU (AMX) that was
+    measured as fast in training and faster in inference, and slower in fp32
+    (docs/performance.md); on CUDA it is the layout the tensor-core kernels take without
+    reordering (not measured yet)."""
     if isinstance(setting, bool):
         return setting
     if setting not in CHANNELS_LAST_CHOICES:
@@ -96,7 +96,7 @@ def resolve_channels_last(setting, device, precision):
                         f"{', '.join(CHANNELS_LAST_CHOICES)}")
     if setting != "auto":
         return setting == "on"
-    return torch.device(device).type == "cuda" and precision in CHANNELS_LAST_PRECISIONS
+    return precision in CHANNELS_LAST_PRECISIONS
 
 
 def add_channels_last_flag(parser):

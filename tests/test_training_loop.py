@@ -284,18 +284,19 @@ def test_auto_precision_is_bf16_where_the_hardware_computes_it(monkeypatch, nati
 
 @pytest.mark.parametrize("native", [True, False])
 def test_channels_last_auto_follows_the_precision(monkeypatch, tmp_path, demo_set, native):
-    """Default `auto`: channels-last on CUDA in bf16 or fp16, NCHW on the CPU whatever the
-    precision; the flags alone, `--no_`, and old checkpoints' booleans say on/off; train and
-    inference alike."""
+    """Default `auto`: channels-last in bf16 or fp16, NCHW in fp32 and TF32, on any device; the
+    flags alone, `--no_`, and old checkpoints' booleans say on/off; train and inference
+    alike."""
     monkeypatch.setattr(rt, "native_bf16", lambda device: native)
     config = tiny_config(tmp_path, demo_set, precision="auto")
     assert config.channels_last == "auto"
     runtime = rt.setup(config)
-    assert (runtime.precision, runtime.channels_last) == ("bf16" if native else "fp32", False)
+    assert (runtime.precision, runtime.channels_last) == (("bf16", True) if native
+                                                          else ("fp32", False))
     assert rt.setup(tiny_config(tmp_path, demo_set, channels_last="on")).channels_last
     for precision, expected in (("bf16", True), ("fp16", True), ("tf32", False), ("fp32", False)):
         assert rt.resolve_channels_last("auto", "cuda", precision) is expected
-        assert rt.resolve_channels_last("auto", "cpu", precision) is False
+        assert rt.resolve_channels_last("auto", "cpu", precision) is expected
     assert not rt.resolve_channels_last("off", "cuda", "bf16")
     assert rt.resolve_channels_last("on", "cpu", "fp32")
     parser = build_parser("")
