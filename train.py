@@ -29,8 +29,9 @@ from cityscapes import IGNORE_ID, LABELS, MAX_COLOR_DISTANCE, PALETTE
 from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_for_resume,
                     run_paths)
 from models import build_discriminator, build_generator, per_scale, split_passes
-from training_state import (LOSS_NAMES, GeneratorEMA, LossMeter, RunLock, RunLog, claim_outputs,
-                            describe_epoch, outputs_in_data, resume_command, save_sample_grid)
+from training_state import (EMA_CALIBRATION_PAIRS, LOSS_NAMES, GeneratorEMA, LossMeter, RunLock,
+                            RunLog, claim_outputs, describe_epoch, outputs_in_data, resume_command,
+                            save_sample_grid)
 from utils import UserError, make_folder, one_line, psnr, run_cli
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
@@ -376,6 +377,11 @@ def _train(config, runtime, resume_from, overwrite):
     val_dataset = rt.build_val_dataset(config, runtime, loader.dataset)
     sample_batch = rt.fixed_batch(val_dataset, range(min(config.num_samples, len(val_dataset))),
                                   runtime)
+    # Training label maps on which the averaged generator's batch-norm statistics are
+    # recomputed before each use (the same on every process).
+    calibration = rt.fixed_batch(loader.dataset, range(min(EMA_CALIBRATION_PAIRS,
+                                                           len(loader.dataset))),
+                                 runtime)["source"].split(config.batch_size) if ema else ()
     fid_cache = {} if config.fid_every_epochs and runtime.is_main else None
     if fid_cache is not None:
         metrics.inception_path()  # the weights are needed: fail now, not after an epoch
@@ -418,6 +424,9 @@ def _train(config, runtime, resume_from, overwrite):
                                         progress.epoch == config.epochs)
             if not (save or write_log or samples or validation):
                 continue
+            if ema and (save or samples or validation):
+                with runtime.autocast():
+                    ema.recalibrate(calibration)
             # The losses are read here, once; nothing is written if one was not finite.
             *sums, count, any_bad = rt.sum_over_ranks(meter.totals(), runtime)
             meter.raise_if_bad(any_bad > 0)

@@ -455,3 +455,32 @@ def test_output_folders_inside_the_data_folder_are_refused(tmp_path, demo_set, c
                                     capsys)
     assert status == 2 and "Traceback" not in err and f"--{flag}" in err, err
     assert "inside --data_dir" in err and sorted(demo_set.rglob("*")) == before
+
+
+def test_the_averaged_generator_gets_the_statistics_of_its_own_weights():
+    """Copied from the live generator, the averaged one's batch-norm statistics belong to other
+    weights; after `recalibrate` they are the average of its own batch statistics over the
+    label batches, and it is back in eval mode with its momentum."""
+    from models import ModelConfig, build_generator
+    from training_state import GeneratorEMA
+    torch.manual_seed(0)
+    live = build_generator(ModelConfig(image_size=32, generator_channels=8, dropout=False))
+    ema = GeneratorEMA(live, decay=0.9)
+    with torch.no_grad():
+        for p in live.parameters():  # the live weights move away from the average
+            p.add_(torch.randn_like(p) * 0.5)
+        live.train()
+        batches = [torch.rand(4, 3, 32, 32) * 2 - 1 for _ in range(3)]
+        for labels in batches:
+            live(labels)
+    ema.update(live, step=1000)  # copies the live statistics
+    norm = ema.module.encoder["down2"].norm
+    seen = []
+    hook = ema.module.encoder["down2"].conv.register_forward_hook(
+        lambda module, inputs, output: seen.append(output.detach()))
+    ema.recalibrate(batches)
+    hook.remove()
+    expected = torch.stack([out.mean((0, 2, 3)) for out in seen]).mean(0)
+    assert torch.allclose(norm.running_mean, expected, atol=1e-5)
+    assert not torch.allclose(live.encoder["down2"].norm.running_mean, expected, atol=1e-3)
+    assert not ema.module.training and not norm.training and norm.momentum == 0.1
