@@ -13,7 +13,7 @@ from cityscapes import NUM_TRAIN_IDS
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
 from labelmaps import LABEL_FORMATS
 from models import LABEL_INPUTS, NORMS, UPSAMPLES, ModelConfig
-from runtime import CHANNELS_LAST_CHOICES, PRECISIONS
+from runtime import CHANNELS_LAST_CHOICES, PRECISIONS, add_channels_last_flag
 from utils import RUNS_DIR, UserError
 
 GAN_LOSSES = ("bce", "lsgan", "hinge", "oasis")
@@ -365,11 +365,8 @@ def build_parser(description):
                 parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
                                     help=argparse.SUPPRESS)
             continue
-        if f.metadata.get("choices") == CHANNELS_LAST_CHOICES:  # --channels_last alone: on
-            parser.add_argument(f"--{f.name}", nargs="?", const="on", help=help_text,
-                                choices=CHANNELS_LAST_CHOICES)
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_const",
-                                const="off", help=argparse.SUPPRESS)
+        if f.name == "channels_last":  # --channels_last alone: on
+            add_channels_last_flag(parser, default=argparse.SUPPRESS, help=help_text)
             continue
         kind = type(default)
         parser.add_argument(f"--{f.name}", type=_parse_as(kind), help=help_text,

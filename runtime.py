@@ -99,12 +99,13 @@ def resolve_channels_last(setting, device, precision):
     return precision in CHANNELS_LAST_PRECISIONS
 
 
-def add_channels_last_flag(parser):
-    """`--channels_last [auto|on|off]` (alone: on) and `--no_channels_last`, default auto."""
-    parser.add_argument("--channels_last", nargs="?", const="on", default="auto",
-                        choices=CHANNELS_LAST_CHOICES,
-                        help="channels-last memory format; auto (default): on where the "
-                             "precision is bf16 or fp16")
+def add_channels_last_flag(parser, default="auto",
+                           help="channels-last memory format; auto (default): on where the "
+                                "precision is bf16 or fp16"):
+    """`--channels_last [auto|on|off]` (alone: on) and `--no_channels_last`: the one definition,
+    for train.py's parser (whose defaults are suppressed) and the inference side's."""
+    parser.add_argument("--channels_last", nargs="?", const="on", default=default,
+                        choices=CHANNELS_LAST_CHOICES, help=help)
     parser.add_argument("--no_channels_last", dest="channels_last", action="store_const",
                         const="off", help=argparse.SUPPRESS)
 

@@ -13,6 +13,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,6 +375,27 @@ def test_snapping_takes_distinct_colours_in_bounded_chunks():
     assert len(calls) == 5  # ceil(4096 / 1000) distance matrices of at most 1000 x 35
     whole, whole_distance = nearest_colors(image, chunk=1 << 20)
     assert np.array_equal(chunked, whole) and np.array_equal(distance, whole_distance)
+
+
+def test_chunked_snapping_is_exact_on_real_profile_halves(tmp_path):
+    """Both halves of a pair with the real set's profile (a dark grey photo; a JPEG-ringed
+    label map with blended borders), and a real CamVid pair where ../shared/camvid is: chunks
+    give the whole computation's colours and distances, photo half and label half alike."""
+    from demo.data import real_profile_pair, save_real_profile_jpeg
+    label, photo = real_profile_pair(np.random.default_rng(3), 128)
+    halves = []
+    for name, half in (("label", label), ("photo", photo)):
+        save_real_profile_jpeg(half, tmp_path / f"{name}.jpg")
+        halves.append(np.asarray(Image.open(tmp_path / f"{name}.jpg").convert("RGB")))
+    camvid = Path(__file__).resolve().parents[2] / "shared" / "camvid" / "val" / "1.jpg"
+    if camvid.is_file():
+        pair = np.asarray(Image.open(camvid).convert("RGB"))
+        halves += [pair[:, :pair.shape[1] // 2], pair[:, pair.shape[1] // 2:]]
+    for half in halves:
+        assert len(np.unique(half.reshape(-1, 3), axis=0)) > 1000  # many colours: many chunks
+        chunked, distance = nearest_colors(half, chunk=257)
+        whole, whole_distance = nearest_colors(half, chunk=1 << 20)
+        assert np.array_equal(chunked, whole) and np.array_equal(distance, whole_distance)
 
 
 def test_an_injected_deadline_stops_the_snapping_between_chunks():
