@@ -18,6 +18,11 @@ from config import TrainConfig
 from demo.data import real_profile_pair, save_real_profile_jpeg, write_demo_dataset
 from utils import run_cli
 
+# The real CamVid pairs (../shared/camvid, or $PIX2PIX_CAMVID); tests that read them skip
+# where the folder is absent.
+CAMVID = Path(os.environ.get("PIX2PIX_CAMVID", Path(__file__).resolve().parents[2] / "shared" /
+                             "camvid"))
+
 REPO = Path(__file__).resolve().parent.parent  # where the scripts live (pytest.ini: pythonpath)
 
 # --- Tiny configurations: the one definition the test files share --------------------------

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from app_browser import (RunningApp, canvas_pixels, generate, launch, open_page, paint,
                          photo_pixels, system_chromium, wait_for_photo)
-from conftest import cli_flags, run_in_process, run_script, tiny_config
+from conftest import CAMVID, cli_flags, run_in_process, run_script, tiny_config
 from PIL import Image
 
 import app
@@ -387,7 +387,7 @@ def test_chunked_snapping_is_exact_on_real_profile_halves(tmp_path):
     for name, half in (("label", label), ("photo", photo)):
         save_real_profile_jpeg(half, tmp_path / f"{name}.jpg")
         halves.append(np.asarray(Image.open(tmp_path / f"{name}.jpg").convert("RGB")))
-    camvid = Path(__file__).resolve().parents[2] / "shared" / "camvid" / "val" / "1.jpg"
+    camvid = CAMVID / "val" / "1.jpg"
     if camvid.is_file():
         pair = np.asarray(Image.open(camvid).convert("RGB"))
         halves += [pair[:, :pair.shape[1] // 2], pair[:, pair.shape[1] // 2:]]

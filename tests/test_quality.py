@@ -3,14 +3,13 @@ and one tiny run end to end (no Inception: --no_fid)."""
 
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from benchmark import quality
 from benchmark import segmenter as seg
+from conftest import CAMVID
 from dataset import PairDataset
 
 
@@ -118,8 +117,6 @@ def test_consistency_over_the_classes_of_the_data_only():
     assert set(scores["class_iou"]) == {0, 10}
 
 
-CAMVID = Path(os.environ.get("PIX2PIX_CAMVID", Path(__file__).resolve().parents[1].parent /
-                             "shared" / "camvid"))
 
 
 @pytest.mark.skipif(not (CAMVID / "train").is_dir(), reason="../shared/camvid is not here")
