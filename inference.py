@@ -370,7 +370,7 @@ def ahead(pool, fn, items, depth):
     yield from started
 
 
-def write_png(path, array, compression=6):
+def write_png(path, array, compression=1):
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG",
                                                              compress_level=compression))
 
@@ -400,9 +400,10 @@ def parse(argv=None):
     parser.add_argument("--io_threads", type=int, default=2,
                         help="threads decoding inputs and writing PNGs while the generator "
                              "runs; 0: one after another")
-    parser.add_argument("--png_compression", type=int, default=6, choices=range(10),
-                        metavar="0-9", help="zlib level of the PNGs: 1 writes about twice as "
-                                            "fast, files ~10%% larger (pixels identical)")
+    parser.add_argument("--png_compression", type=int, default=1, choices=range(10),
+                        metavar="0-9", help="zlib level of the PNGs (pixels identical at "
+                                            "every level): 1 writes a 256x256 photo ~3x "
+                                            "faster than 6, files ~4%% larger (default: 1)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")

@@ -9,7 +9,7 @@ OPTIONS = {
     "default": {"train": ["--precision", "auto", "--channels_last", "auto", "--cache", "auto",
                           "--num_workers", "-1", "--fused_adam"],
                 "inference": ["--precision", "auto", "--channels_last", "auto",
-                              "--io_threads", "2"]},
+                              "--io_threads", "2", "--png_compression", "1"]},
     "tf32": {"train": ["--precision", "tf32"], "inference": None},
     "bf16": {"train": ["--precision", "bf16"], "inference": ["--precision", "bf16"]},
     "fp16": {"train": ["--precision", "fp16"], "inference": ["--precision", "fp16"]},
@@ -31,7 +31,8 @@ OPTIONS = {
 }
 PLAIN_TRAIN = ["--channels_last", "off", "--cache", "off", "--num_workers", "0",
                "--no_fused_adam", "--no_step_in_backward"]
-PLAIN_INFERENCE = ["--channels_last", "off", "--io_threads", "0"]
+# zlib level 6: what PIL writes by default, as the reference implementation does.
+PLAIN_INFERENCE = ["--channels_last", "off", "--io_threads", "0", "--png_compression", "6"]
 
 DEFAULT_CONFIGS = {
     "cpu": "fp32,default,fp32+fused,fp32+inbwd,fp32+cl,fp32+data,fp32+compile,"
