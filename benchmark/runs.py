@@ -111,7 +111,8 @@ def child_flops(spec):
     from models import build_generator
     steps = {}
     for batch_size in spec["batch_sizes"]:
-        argv = [*spec["argv"], "--batch_size", str(batch_size), "--max_steps", "1"]
+        # One run folder for every batch size: each run replaces the one before it.
+        argv = [*spec["argv"], "--batch_size", str(batch_size), "--max_steps", "1", "--overwrite"]
         with FlopCounterMode(display=False) as counter, \
                 contextlib.redirect_stdout(io.StringIO()):
             train.main(argv)

@@ -288,7 +288,7 @@ def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
     output = tmp_path / "results.json"
     done = subprocess.run(
         [sys.executable, "-m", "benchmark.speed", "--configs", "fp32,bf16+fused+cl+data",
-         "--image_size", "32", "--channels", "8", "--batch_sizes", "2",
+         "--image_size", "32", "--channels", "8", "--batch_sizes", "1,2",
          "--infer_batch_sizes", "1", "--steps", "1", "--warmup_steps", "1", "--repeats", "1",
          "--infer_images", "3", "--device", "cpu", "--output", str(output)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
@@ -296,14 +296,16 @@ def test_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(output.read_text())
     flops = results["flops"]["default"]
-    assert flops["train_step"]["2"] > 0 and flops["generator_forward"] > 0
+    # Two batch sizes: the FLOP count trains once per size in one run folder.
+    assert flops["train_step"]["1"] > 0 and flops["train_step"]["2"] > flops["train_step"]["1"]
+    assert flops["generator_forward"] > 0
     for part in ("train", "inference", "forward"):
         rows = {row["config"]: row for row in results[part]}
         assert set(rows) == {"fp32", "bf16+fused+cl+data"}
         assert all(row["img_s"]["median"] > 0 and row["gflop_s"] > 0 for row in rows.values())
     assert results["train"][0]["x_plain"] == 1.0
     assert results["train"][0]["peak_mib"]["median"] > 0
-    assert len(results["loader"]) == 2
+    assert len(results["loader"]) == 2 * 2  # configurations x batch sizes
     profile = {row["config"]: row for row in results["profile"]}
     assert set(profile) == {"fp32", "bf16+fused+cl+data"}
     for row in profile.values():  # convolutions and Adam both found, within the step's time
