@@ -58,6 +58,11 @@ CONFIGS = {
     "default": {"preset": "default"},  # today's defaults (config.TrainConfig)
     "oasis": {"preset": "default", "gan_loss": "oasis"},
     "default+onehot": {"preset": "default", "label_input": "onehot"},
+    # The levers first measured on synthetic scenes, each over today's defaults.
+    "default+fm": {"preset": "default", "feature_matching": 10.0},
+    "default+msd": {"preset": "default", "discriminator_scales": 2},
+    "default+sn": {"preset": "default", "spectral_norm": True},
+    "default+ttur": {"preset": "default", "lr_d": 4e-4},
     "ema": {"ema_decay": 0.999},
     "resize": {"upsample": "resize"},
     "hinge": {"gan_loss": "hinge"},
