@@ -29,9 +29,9 @@ from cityscapes import IGNORE_ID, LABELS, MAX_COLOR_DISTANCE, PALETTE
 from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_for_resume,
                     run_paths)
 from models import build_discriminator, build_generator, per_scale, split_passes
-from training_state import (EMA_CALIBRATION_PAIRS, LOSS_NAMES, GeneratorEMA, LossMeter, RunLock,
-                            RunLog, claim_outputs, describe_epoch, outputs_in_data, resume_command,
-                            save_sample_grid)
+from training_state import (LOSS_NAMES, GeneratorEMA, LossMeter, RunLock, RunLog,
+                            calibration_indices, claim_outputs, describe_epoch, outputs_in_data,
+                            resume_command, save_sample_grid)
 from utils import UserError, make_folder, one_line, psnr, run_cli
 
 # --- Losses (pure functions of tensors) ----------------------------------------------------
@@ -379,8 +379,7 @@ def _train(config, runtime, resume_from, overwrite):
                                   runtime)
     # Training label maps on which the averaged generator's batch-norm statistics are
     # recomputed before each use (the same on every process).
-    calibration = rt.fixed_batch(loader.dataset, range(min(EMA_CALIBRATION_PAIRS,
-                                                           len(loader.dataset))),
+    calibration = rt.fixed_batch(loader.dataset, calibration_indices(len(loader.dataset)),
                                  runtime)["source"].split(config.batch_size) if ema else ()
     fid_cache = {} if config.fid_every_epochs and runtime.is_main else None
     if fid_cache is not None:

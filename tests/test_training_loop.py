@@ -484,3 +484,15 @@ def test_the_averaged_generator_gets_the_statistics_of_its_own_weights():
     assert torch.allclose(norm.running_mean, expected, atol=1e-5)
     assert not torch.allclose(live.encoder["down2"].norm.running_mean, expected, atol=1e-3)
     assert not ema.module.training and not norm.training and norm.momentum == 0.1
+
+
+def test_the_averaged_generators_statistics_come_from_maps_spread_over_the_training_set():
+    """A real set's files in name order are consecutive frames of one drive: the calibration
+    maps are spread over the whole set, first to last, not its first 64."""
+    from training_state import EMA_CALIBRATION_PAIRS, calibration_indices
+    spread = calibration_indices(367)
+    assert len(set(spread)) == len(spread) == EMA_CALIBRATION_PAIRS
+    assert spread[0] == 0 and spread[-1] == 366 and spread == sorted(spread)
+    gaps = {b - a for a, b in zip(spread, spread[1:])}
+    assert gaps <= {5, 6}
+    assert calibration_indices(10) == list(range(10))
