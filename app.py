@@ -28,10 +28,10 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-import runtime
+import devices
 from cityscapes import COLORS, PALETTE, nearest_colors
 from dataset import decode
-from utils import UserError, choose_device, one_line, run_cli
+from utils import UserError, one_line, run_cli
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 EXAMPLES_DIR = WEB_DIR / "examples"
@@ -518,7 +518,7 @@ def parse(argv=None):
                         help="host names the page may be opened by besides localhost and "
                              "loopback addresses (with --host 0.0.0.0: this machine's names "
                              "on the network); others are refused (DNS rebinding)")
-    runtime.add_inference_speed_flags(parser)
+    devices.add_inference_speed_flags(parser)
     parser.add_argument("--verbose", action="store_true", help="log every request")
     parser.add_argument("--write_examples", action="store_true",
                         help=f"(re)write the example label maps in {EXAMPLES_DIR} and exit")
@@ -541,13 +541,13 @@ def load_service(model_path, device, precision="auto", channels_last="auto", com
     from inference import Translator, load_generator, optimize_generator, runs_in_pytorch
 
     require_checkpoint(model_path)
-    precision, why = runtime.resolve_precision(precision, device)
-    runtime.set_math_mode(device, precision)
+    precision, why = devices.resolve_precision(precision, device)
+    devices.set_math_mode(device, precision)
     generator, config = load_generator(model_path, device)
     in_pytorch = runs_in_pytorch(generator, model_path, compile=compile)
     if not in_pytorch:
         precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
-    channels_last = in_pytorch and runtime.resolve_channels_last(channels_last, device,
+    channels_last = in_pytorch and devices.resolve_channels_last(channels_last, device,
                                                                  precision)
     print(f"device {device}, precision {precision} ({why})"
           f"{', channels_last' if channels_last else ''}", flush=True)
@@ -572,7 +572,7 @@ def main(argv=None):
         for path in write_examples():
             print(f"wrote {path}")
         return
-    device = choose_device(args.device)
+    device = devices.choose_device(args.device)
     require_checkpoint(args.model_path)  # before binding and loading: one line, at once
     try:  # bound before the model loads: a busy port fails at once
         server = AppServer((args.host, args.port), None, verbose=args.verbose,

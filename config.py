@@ -11,9 +11,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from cityscapes import NUM_TRAIN_IDS
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
+from devices import CHANNELS_LAST_CHOICES, PRECISIONS, add_channels_last_flag
 from labelmaps import LABEL_FORMATS
 from models import LABEL_INPUTS, NORMS, UPSAMPLES, ModelConfig
-from runtime import CHANNELS_LAST_CHOICES, PRECISIONS, add_channels_last_flag
 from utils import RUNS_DIR, UserError
 
 GAN_LOSSES = ("bce", "lsgan", "hinge", "oasis")

@@ -45,8 +45,9 @@ from tqdm import tqdm
 import metrics
 from cityscapes import NUM_TRAIN_IDS, decode_train_ids
 from dataset import LABEL_SIDES, LAYOUTS, find_pairs, list_images, load_pair, read_rgb
+from devices import choose_device
 from inference import Translator, load_generator
-from utils import UserError, atomic_write, choose_device, one_line, run_cli, save_json
+from utils import UserError, atomic_write, one_line, run_cli, save_json
 
 SEG_INPUT_SCALES = {"0-1": 1 / 255, "0-255": 1.0}
 

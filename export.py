@@ -35,12 +35,12 @@ import torch
 
 from checkpoints import EXPORT_FORMAT
 from demo.data import real_profile_pair
-from inference import ONNX_INPUT, ONNX_OUTPUT, Translator, load_generator, load_onnx
+from exported import ONNX_INPUT, ONNX_OUTPUT, PT2_CONFIG, load_onnx, read_pt2
+from inference import Translator, load_generator
 from models import ModelConfig
 from utils import UserError, atomic_write, run_cli
 
 ONNX_OPSET = 18
-PT2_CONFIG = "pix2pix_config.json"  # the .pt2's extra file holding the run's configuration
 PARITY_MEAN, PARITY_MAX = 1.0, 4.0  # limits of |export - checkpoint| on 0-255 images
 
 
@@ -113,13 +113,6 @@ def pt2_bytes(generator, config, path):
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={PT2_CONFIG: json.dumps(config)})
     return buffer.getvalue()
-
-
-def read_pt2(path):
-    """(the program as an nn.Module, the run's configuration) of a .pt2 written here."""
-    extra = {PT2_CONFIG: ""}
-    program = torch.export.load(path, extra_files=extra)
-    return program.module(), json.loads(extra[PT2_CONFIG])
 
 
 FORMATS = {  # extension: (write to bytes, read back as (generator, configuration))

@@ -4,16 +4,15 @@
         --model_path ./checkpoints/generator.pth
 
 The checkpoint carries the run's configuration, so no architecture flags are needed.
---model_path also takes a run folder (runs/NAME) and export.py's .safetensors and .onnx files:
-every script that loads a generator does it through load_generator here.
+--model_path also takes a run folder (runs/NAME) and export.py's .safetensors and .onnx files
+(exported.py reads them): every script that loads a generator does it through load_generator
+here.
 """
 
 import argparse
 import collections
 import contextlib
 import errno
-import importlib
-import json
 import os
 import sys
 import tempfile
@@ -21,29 +20,26 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import runtime as rt
-from checkpoints import EXPORT_FORMAT, load_checkpoint, load_state, run_file
+import devices
+from checkpoints import load_checkpoint, load_state, run_file
 from config import check_model_values
 from config import saved as saved_config
 from dataset import IMAGE_SUFFIXES, LABEL_SIDES, PAIR_NAME, read_rgb
+from exported import load_onnx, read_safetensors
 from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
 from models import ModelConfig, build_generator
-from utils import (UserError, WriteError, atomic_write, choose_device, make_folder, one_line,
-                   run_cli, to_uint8, to_unit_range)
+from utils import (UserError, WriteError, atomic_write, make_folder, one_line, run_cli, to_uint8,
+                   to_unit_range)
 
 INPUT_LAYOUTS = ("auto", "labels", "side_by_side", "paired")
 
 
 # --- Loading: a checkpoint, a run folder or an exported file -----------------------------------
-
-ONNX_INPUT, ONNX_OUTPUT = "label", "photo"  # the names export.py gives the graph's ends
-
 
 def load_generator(path, device="cpu"):
     """(generator, the run's configuration dict) from whatever --model_path names:
@@ -74,79 +70,6 @@ def load_generator(path, device="cpu"):
     generator = build_generator(model_config)
     load_state(generator, state_dict, path, "generator")
     return generator.to(device).eval(), config
-
-
-def optional_module(name, path):
-    """import `name`, or a one-line error saying what to install to read `path`."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise UserError(f"{path}: reading it needs the {name} package: pip install -r "
-                        "requirements-extras.txt") from None
-
-
-def exported_config(metadata, path):
-    """The run's configuration dict from an exported file's metadata (export.py writes it)."""
-    if (metadata or {}).get("format") != EXPORT_FORMAT:
-        raise UserError(f"{path}: not a pix2pix generator exported by export.py (no "
-                        f"'format: {EXPORT_FORMAT}' in its metadata)")
-    try:
-        config = json.loads(metadata["config"])
-        ModelConfig.from_dict(config["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: the configuration in its metadata is unreadable "
-                        f"({type(e).__name__}: {one_line(e)[:120]})") from None
-    return config
-
-
-def read_safetensors(path):
-    """(state dict, configuration) of export.py's .safetensors: no pickle involved."""
-    safetensors = optional_module("safetensors", path)
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata()
-            state_dict = {key: file.get_tensor(key) for key in file.keys()}
-    except Exception as e:  # noqa: BLE001 (corrupt headers fail in several ways)
-        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
-                        f"{one_line(e)[:120]})") from None
-    return state_dict, exported_config(metadata, path)
-
-
-class OnnxGenerator:
-    """An exported .onnx generator behind the call a PyTorch one has: (B, 3, H, W) float
-    tensor in [-1, 1] -> photo tensor, H and W multiples of 2^depth (Translator pads to them).
-    onnxruntime computes in fp32 on the CPU, or on CUDA where its CUDA provider is installed."""
-
-    def __init__(self, session):
-        self.session = session
-
-    def __call__(self, label):
-        array = np.ascontiguousarray(label.detach().float().cpu().numpy())
-        (photo,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: array})
-        return torch.from_numpy(photo).to(label.device)
-
-
-def load_onnx(path, device="cpu"):
-    """(OnnxGenerator, configuration) of export.py's .onnx."""
-    ort = optional_module("onnxruntime", path)
-    providers = ["CPUExecutionProvider"]
-    if torch.device(device).type == "cuda" and \
-            "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: its warnings are not the user's concern
-    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as PyTorch's
-    try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
-        raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__}: "
-                        f"{one_line(e)[:120]})") from None
-    config = exported_config(session.get_modelmeta().custom_metadata_map, path)
-    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-    if names != ([ONNX_INPUT], [ONNX_OUTPUT]):
-        raise UserError(f"{path}: expected one input {ONNX_INPUT!r} and one output "
-                        f"{ONNX_OUTPUT!r}, found {names[0]} and {names[1]}")
-    return OnnxGenerator(session), config
 
 
 def runs_in_pytorch(generator, path, paper_test_mode=False, compile=False):
@@ -218,7 +141,7 @@ class Translator:
                 batch = torch.cat([prepared[i][0] for i in chunk]).to(self.device)
                 if self.channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                with rt.autocast(self.device, self.precision):
+                with devices.autocast(self.device, self.precision):
                     fake = self.generator(batch).float()
                 for i, image in zip(chunk, fake):
                     h, w, height, width = prepared[i][1]
@@ -396,7 +319,7 @@ def parse(argv=None):
     parser.add_argument("--label_format", default="auto", choices=LABEL_FORMATS,
                         help="colour label maps, or single-channel Cityscapes label_ids / "
                              "train_ids maps (auto: told apart by their values)")
-    rt.add_inference_speed_flags(parser)
+    devices.add_inference_speed_flags(parser)
     parser.add_argument("--io_threads", type=int, default=2,
                         help="threads decoding inputs and writing PNGs while the generator "
                              "runs; 0: one after another")
@@ -414,9 +337,9 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
-    device = choose_device(args.device)
-    precision, why = rt.resolve_precision(args.precision, device)
-    rt.set_math_mode(device, precision)
+    device = devices.choose_device(args.device)
+    precision, why = devices.resolve_precision(args.precision, device)
+    devices.set_math_mode(device, precision)
     files, layout, skipped = list_inputs(args.input_dir, args.input_layout)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -425,8 +348,8 @@ def main(argv=None):
     in_pytorch = runs_in_pytorch(generator, args.model_path, args.paper_test_mode, args.compile)
     if not in_pytorch:
         precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
-    channels_last = in_pytorch and rt.resolve_channels_last(args.channels_last, device,
-                                                            precision)
+    channels_last = in_pytorch and devices.resolve_channels_last(args.channels_last, device,
+                                                                 precision)
     print(f"device {device}, precision {precision} ({why})"
           f"{', channels_last' if channels_last else ''}")
     refuse_input_folder(args.input_dir, output_dir)

@@ -5,9 +5,9 @@
     python train.py --resume checkpoints/latest.pth
     torchrun --nproc_per_node=4 train.py ...    # one process per GPU (DDP)
 
-Read top to bottom: the losses, the optimisers, one GAN step (`gan_step`), validation, and the
-loop (`train`), whose one step counter drives one maintenance block (log, validation, samples,
-checkpoints, stop).
+Read top to bottom: the learning rate, the optimisers, one GAN step (`gan_step`, on the losses of
+losses.py), validation, and the loop (`train`), whose one step counter drives one maintenance
+block (log, validation, samples, checkpoints, stop).
 """
 
 import contextlib
@@ -18,107 +18,23 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 import metrics
-import runtime as rt
 from checkpoints import (CheckpointWriter, Progress, load_resume_state, restore_training_state,
                          run_file, save_checkpoints)
-from cityscapes import IGNORE_ID, LABELS, MAX_COLOR_DISTANCE, PALETTE
 from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_for_resume,
                     run_paths)
+from ema import GeneratorEMA, calibration_indices
+from loaders import build_train_loader, build_val_dataset, fixed_batch, total_steps
+from losses import discriminator_loss, feature_matching_loss, generator_loss, layout_classes
 from models import build_discriminator, build_generator, per_scale, split_passes
-from training_state import (LOSS_NAMES, GeneratorEMA, LossMeter, RunLock, RunLog,
-                            calibration_indices, claim_outputs, describe_epoch, outputs_in_data,
-                            resume_command, save_sample_grid)
+from run_folder import RunLock, claim_outputs, outputs_in_data, resume_command
+from training_log import LOSS_NAMES, LossMeter, RunLog, describe_epoch, save_sample_grid
 from utils import UserError, make_folder, one_line, psnr, run_cli
 
-# --- Losses (pure functions of tensors) ----------------------------------------------------
-
-def gan_loss(logits, is_real, kind="bce", for_generator=False, classes=None):
-    """Adversarial loss of a batch of PatchGAN logits against an all-real or all-fake target.
-
-    Hinge (Lim & Ye 2017, as in SAGAN/SPADE): D pushes real logits above 1 and fake below -1;
-    G (`for_generator`) raises the fake logits without a margin. OASIS: `classes` (from
-    layout_classes) are the targets of "real", class 0 of "fake" (oasis_loss). A list (one grid
-    per scale of a multi-scale D) gives the mean of the scales' losses."""
-    if isinstance(logits, list):
-        return sum(gan_loss(x, is_real, kind, for_generator, classes)
-                   for x in logits) / len(logits)
-    if kind == "oasis":  # G asks for its photo's pixels to be segmented as the label map says
-        return oasis_loss(logits, classes, is_real)
-    if kind == "hinge":
-        logits = logits.float()
-        if for_generator:
-            return -logits.mean()
-        return F.relu(1 - logits).mean() if is_real else F.relu(1 + logits).mean()
-    target = torch.ones_like(logits) if is_real else torch.zeros_like(logits)
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
-    if kind == "lsgan":
-        return F.mse_loss(logits.float(), target.float())
-    raise ValueError(f"unknown GAN loss {kind!r}; choose bce, lsgan or hinge")
-
-
-def discriminator_loss(real_logits, fake_logits, kind="bce", classes=None):
-    """(loss, real part, fake part); halved as in the paper, to slow D relative to G."""
-    real = gan_loss(real_logits, True, kind, classes=classes)
-    fake = gan_loss(fake_logits, False, kind, classes=classes)
-    return 0.5 * (real + fake), real, fake
-
-
-def generator_loss(fake_logits, fake, target, lambda_l1, kind="bce", classes=None):
-    """(loss, adversarial part, L1 part): fool D, and stay near the target in L1."""
-    adversarial = gan_loss(fake_logits, True, kind, for_generator=True, classes=classes)
-    l1 = F.l1_loss(fake.float(), target.float())
-    return adversarial + lambda_l1 * l1, adversarial, l1
-
-
-IGNORED_CLASS = -100  # F.cross_entropy's default ignore_index
-_TRAIN_IDS = torch.tensor([train_id for _, train_id, _ in LABELS])
-
-
-def layout_classes(label, max_distance=MAX_COLOR_DISTANCE):
-    """(B, 3, H, W) colour label maps in [-1, 1] -> (B, H, W) int64 OASIS targets: 1 + the
-    train ID of each pixel's nearest palette colour (0 is "fake"); IGNORED_CLASS for void
-    classes and for pixels farther than `max_distance` from every colour (blended borders),
-    the rule of cityscapes.decode_train_ids, on the device."""
-    colours = ((label.float() + 1) * 127.5).round()
-    palette = torch.tensor(PALETTE, dtype=torch.float32, device=label.device)
-    distances = (colours[:, None] - palette[None, :, :, None, None]).square().sum(2)
-    nearest, index = distances.min(1)  # (B, H, W) squared distance, palette index
-    train_ids = _TRAIN_IDS.to(label.device)[index]
-    ignored = (train_ids == IGNORE_ID) | (nearest > max_distance ** 2)
-    return torch.where(ignored, IGNORED_CLASS, train_ids + 1)
-
-
-def oasis_loss(logits, classes, to_classes):
-    """OASIS's adversarial loss (Schoenfeld et al., ICLR 2021): D's (B, N+1, h, w) logits,
-    upsampled to the label size, against `classes` (`to_classes`: D on real photos, and G on
-    its fakes) or against class 0, "fake" (D on fakes). The class targets are balanced: each
-    class present in the batch weighs as much in total, inverse to its pixel count, so a pole
-    counts as much as the road."""
-    logits = F.interpolate(logits.float(), size=classes.shape[-2:], mode="bilinear",
-                           align_corners=False)
-    if not to_classes:
-        return F.cross_entropy(logits, torch.zeros_like(classes).masked_fill(
-            classes == IGNORED_CLASS, IGNORED_CLASS))
-    labelled = classes != IGNORED_CLASS
-    counts = torch.bincount(classes[labelled], minlength=logits.shape[1]).float()
-    present = (counts > 0).sum().clamp_min(1)
-    # Mean weight over the labelled pixels is 1: the loss keeps the scale of plain CE.
-    weights = (labelled.sum() / (present * counts.clamp_min(1)))[classes.clamp_min(0)]
-    per_pixel = F.cross_entropy(logits, classes, ignore_index=IGNORED_CLASS, reduction="none")
-    return (per_pixel * weights * labelled).sum() / labelled.sum().clamp_min(1)
-
-
-def feature_matching_loss(real_features, fake_features):
-    """pix2pixHD's: L1 between D's features of (label, real), a target without gradient, and of
-    (label, fake); summed over layers, averaged over scales (lists per scale of lists per layer)."""
-    return sum(sum(F.l1_loss(f.float(), r.detach().float()) for r, f in zip(reals, fakes))
-               for reals, fakes in zip(real_features, fake_features)) / len(real_features)
-
+# --- Learning rate --------------------------------------------------------------------------
 
 def lr_factor(epoch, epochs, decay_epochs):
     """Constant for the first `epochs - decay_epochs` epochs, then linearly towards 0. NOTE: the
@@ -241,7 +157,7 @@ def validate(generator, dataset, runtime):
     indices = list(range(runtime.rank, len(dataset), runtime.world_size))
     try:
         for start in range(0, len(indices), runtime.batch_size):
-            batch = rt.fixed_batch(dataset, indices[start:start + runtime.batch_size], runtime)
+            batch = fixed_batch(dataset, indices[start:start + runtime.batch_size], runtime)
             with runtime.autocast():
                 fake = generator(batch["source"]).float()
             target = batch["target"].float()
@@ -250,7 +166,7 @@ def validate(generator, dataset, runtime):
             count += len(target)
     finally:
         generator.train(was_training)
-    l1_sum, psnr_sum, count = rt.sum_over_ranks([l1_sum, psnr_sum, count], runtime)
+    l1_sum, psnr_sum, count = distributed.sum_over_ranks([l1_sum, psnr_sum, count], runtime)
     return {"val_l1": l1_sum / max(count, 1), "val_psnr": psnr_sum / max(count, 1)}
 
 
@@ -308,7 +224,7 @@ def saved_on_bad_data(config, runtime, progress, save, meter):
     except UnreadableData as e:
         if runtime.ddp or progress.step == saved_step or not runtime.is_main:
             raise UserError(str(e)) from None
-        *_, any_bad = rt.sum_over_ranks(meter.totals(), runtime)
+        *_, any_bad = distributed.sum_over_ranks(meter.totals(), runtime)
         meter.raise_if_bad(any_bad > 0)  # nothing non-finite is saved
         save()
         raise UserError(f"{e}; stopped after saving step {progress.step}: fix or remove the "
@@ -323,7 +239,7 @@ def train(config: TrainConfig, resume_from=None, overwrite=False):
     lets a new run replace the files of an earlier one in the same folders.
     """
     outputs_in_data(config)  # before any output folder is made there
-    runtime = rt.setup(config)
+    runtime = distributed.setup(config)
     try:
         # One run at a time in a checkpoint folder, held by the main process until it ends.
         if runtime.is_main:
@@ -331,7 +247,7 @@ def train(config: TrainConfig, resume_from=None, overwrite=False):
         with RunLock(config.checkpoint_dir) if runtime.is_main else contextlib.nullcontext():
             return _train(config, runtime, resume_from, overwrite)
     finally:
-        rt.teardown(runtime)
+        distributed.teardown(runtime)
 
 
 def _train(config, runtime, resume_from, overwrite):
@@ -346,8 +262,8 @@ def _train(config, runtime, resume_from, overwrite):
 
     # Networks and optimisers: identical initial weights on every process.
     torch.manual_seed(config.seed)
-    generator = rt.prepare(build_generator(config.model_config()), config, runtime)
-    discriminator = rt.prepare(build_discriminator(config.model_config()), config, runtime)
+    generator = distributed.prepare(build_generator(config.model_config()), config, runtime)
+    discriminator = distributed.prepare(build_discriminator(config.model_config()), config, runtime)
     optimizers = (build_adam(generator, config, runtime.device, config.lr),
                   build_adam(discriminator, config, runtime.device, config.discriminator_lr))
     ema = GeneratorEMA(generator, config.ema_decay) if config.ema_decay else None
@@ -363,35 +279,35 @@ def _train(config, runtime, resume_from, overwrite):
         log.resume(progress.step)
     if runtime.rank > 0:  # other dropout draws on other processes
         torch.manual_seed(config.seed + 1_000_003 * runtime.rank + progress.step)
-    nets = Networks(generator, discriminator, *rt.wrap(generator, discriminator, config,
-                                                       runtime))
+    nets = Networks(generator, discriminator, *distributed.wrap(generator, discriminator, config,
+                                                                runtime))
     generator_in_backward = step_in_backward(generator, optimizers[0], config, runtime)
     meter = LossMeter(runtime.device, running)
     shown = ema.module if ema else generator  # what validation, samples and FID see
 
     # Data. The decided layout and label half go into every checkpoint's configuration: a
     # resume reads the same half whatever the detector would say of the folder then.
-    loader, sampler = rt.build_train_loader(config, runtime)
+    loader, sampler = build_train_loader(config, runtime)
     config.layout = loader.dataset.layout
     config.label_side = loader.dataset.label_side or config.label_side
-    val_dataset = rt.build_val_dataset(config, runtime, loader.dataset)
-    sample_batch = rt.fixed_batch(val_dataset, range(min(config.num_samples, len(val_dataset))),
+    val_dataset = build_val_dataset(config, runtime, loader.dataset)
+    sample_batch = fixed_batch(val_dataset, range(min(config.num_samples, len(val_dataset))),
                                   runtime)
     # Training label maps on which the averaged generator's batch-norm statistics are
     # recomputed before each use (the same on every process).
-    calibration = rt.fixed_batch(loader.dataset, calibration_indices(len(loader.dataset)),
-                                 runtime)["source"].split(config.batch_size) if ema else ()
+    calibration = fixed_batch(loader.dataset, calibration_indices(len(loader.dataset)),
+                              runtime)["source"].split(config.batch_size) if ema else ()
     fid_cache = {} if config.fid_every_epochs and runtime.is_main else None
     if fid_cache is not None:
         metrics.inception_path()  # the weights are needed: fail now, not after an epoch
 
-    stop = rt.StopFlag(runtime)
+    stop = distributed.StopFlag(runtime)
     start_time = time.time() - progress.elapsed
     last_val = {}
     # The bar is closed on an error too, so that the error's line does not land on the bar's;
     # the writer finishes the last checkpoint before train() returns or raises.
     with stop.installed(), CheckpointWriter() as writer, tqdm(
-            initial=progress.step, total=rt.total_steps(config, loader, runtime), unit="step",
+            initial=progress.step, total=total_steps(config, loader, runtime), unit="step",
             disable=not runtime.is_main, dynamic_ncols=True, leave=False) as bar, \
             saved_on_bad_data(config, runtime, progress, lambda: save_checkpoints(
                 writer, config, nets, ema, optimizers, scaler, meter, progress, False), meter):
@@ -427,7 +343,7 @@ def _train(config, runtime, resume_from, overwrite):
                 with runtime.autocast():
                     ema.recalibrate(calibration)
             # The losses are read here, once; nothing is written if one was not finite.
-            *sums, count, any_bad = rt.sum_over_ranks(meter.totals(), runtime)
+            *sums, count, any_bad = distributed.sum_over_ranks(meter.totals(), runtime)
             meter.raise_if_bad(any_bad > 0)
             if write_log:
                 means = {name: s / max(count, 1) for name, s in zip(LOSS_NAMES, sums)}
@@ -502,4 +418,4 @@ if __name__ == "__main__":
     if isinstance(summary, dict) and summary.get("interrupted"):
         # Saved and resumable, but not finished: exit as a signal would (130 after Ctrl-C, 143
         # after SIGTERM), so that `train.py && ...` and job schedulers do not take it as done.
-        sys.exit(128 + (rt.StopFlag.signal_number or signal.SIGINT))
+        sys.exit(128 + (distributed.StopFlag.signal_number or signal.SIGINT))

@@ -1,5 +1,5 @@
-"""Helpers shared by the scripts: user errors, atomic files (checkpoints, logs, images), devices,
-image tensors. The checkpoint format is checkpoints.py's."""
+"""Helpers shared by the scripts: user errors, atomic files (checkpoints, logs, images), image
+tensors. The checkpoint format is checkpoints.py's; devices and precision are devices.py's."""
 
 import functools
 import glob
@@ -210,28 +210,6 @@ def _fsync_dir(folder):
 def save_json(obj, path):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, allow_nan=False)), mode="w",
                  clean_leftovers=True)
-
-
-# --- Devices --------------------------------------------------------------------------------
-
-def choose_device(name="auto"):
-    """`auto` picks CUDA, then Apple MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device; use auto, cpu, cuda, cuda:N "
-                        "or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: Apple MPS is not available on this machine")
-    return device
 
 
 # --- Images ---------------------------------------------------------------------------------

@@ -45,8 +45,8 @@ def main(argv=None):
     sys.path.insert(0, str(REPO))
     import torch
 
+    import devices
     import export
-    import runtime as rt
     from benchmark.latency import fresh_checkpoint, machine_line
     from demo.data import real_profile_pair
     from inference import Translator, load_generator
@@ -56,7 +56,7 @@ def main(argv=None):
         export.export(model_path, Path(folder) / "generator.onnx")
         generator, config = load_generator(model_path)
         onnx_generator, _ = load_generator(Path(folder) / "generator.onnx")
-    auto, _ = rt.resolve_precision("auto", "cpu")
+    auto, _ = devices.resolve_precision("auto", "cpu")
     translators = {"pytorch fp32": Translator(generator, config, "cpu", precision="fp32"),
                    "onnxruntime fp32": Translator(onnx_generator, config, "cpu")}
     if auto != "fp32":

@@ -244,7 +244,7 @@ def precise_batch_norm(generator, labels, batch_size=16):
     """A copy of `generator` whose batch-norm running statistics are the plain average over
     `labels` (training label maps) of the statistics its own weights produce (dropout off).
     The EMA generator's statistics are copied from the live one, whose weights it trails
-    (training_state.GeneratorEMA): this tells whether that mismatch costs quality."""
+    (ema.GeneratorEMA): this tells whether that mismatch costs quality."""
     generator = copy.deepcopy(generator).eval()
     norms = [m for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for norm in norms:

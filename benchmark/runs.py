@@ -27,13 +27,13 @@ def child_train(spec):
 
 def child_loader(spec):
     """Images/s of the training loader alone (what the model would be fed at best)."""
-    import runtime as rt
+    import distributed
     from config import TrainConfig
-    from runtime import build_train_loader
+    from loaders import build_train_loader
     results = {}
     for batch_size in spec["batch_sizes"]:
         config = TrainConfig(**{**spec["config"], "batch_size": batch_size})
-        runtime = rt.setup(config)
+        runtime = distributed.setup(config)
         loader, sampler = build_train_loader(config, runtime)
         sampler.set_epoch(0)
         times, start = [], time.perf_counter()
@@ -52,8 +52,8 @@ def child_forward(spec):
     """The bare generator: seconds per batch at each batch size (no file work)."""
     import torch
 
+    import devices
     import inference
-    import runtime as rt
     device = torch.device(spec["device"])
     generator, _ = inference.load_generator(spec["checkpoint"], device)
     generator = inference.optimize_generator(generator, spec["channels_last"], spec["compile"])
@@ -66,7 +66,7 @@ def child_forward(spec):
         times = []
         for i in range(spec["warmup"] + spec["iterations"]):
             start = time.perf_counter()
-            with torch.no_grad(), rt.autocast(device, spec["precision"]):
+            with torch.no_grad(), devices.autocast(device, spec["precision"]):
                 generator(x).float()
             synchronize(device)
             times.append(time.perf_counter() - start)

@@ -21,7 +21,7 @@ import train
 from checkpoints import CheckpointWriter, Progress, generator_only, make_checkpoint, save_checkpoint
 from config import TrainConfig
 from models import build_discriminator, build_generator
-from training_state import LossMeter
+from training_log import LossMeter
 
 
 def training_state(device):

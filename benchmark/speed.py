@@ -151,13 +151,13 @@ def measure_forward(args, workdir, name, rep, env):
 def forward_options(name, device):
     """(precision, channels_last) of a configuration's bare forward: `default` as inference.py
     decides them by default (for `device`), the named options over that."""
-    import runtime as rt
+    import devices
     options = name.split("+")
-    precision = rt.resolve_precision("auto", device)[0] if "default" in options else "fp32"
+    precision = devices.resolve_precision("auto", device)[0] if "default" in options else "fp32"
     precision = next((p for p in ("bf16", "fp16") if p in options), precision)
     channels_last = "on" if "cl" in options else "off" if "nocl" in options else \
         "auto" if "default" in options else "off"
-    return precision, rt.resolve_channels_last(channels_last, device, precision)
+    return precision, devices.resolve_channels_last(channels_last, device, precision)
 
 
 def remove_tree(path):

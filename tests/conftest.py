@@ -164,7 +164,7 @@ def write_checkpoint(path, image_size=32, latest=False, seed=0, **options):
     from config import TrainConfig
     from models import build_discriminator, build_generator
     from checkpoints import Progress, make_checkpoint, save_checkpoint
-    from training_state import LossMeter
+    from training_log import LossMeter
 
     torch.manual_seed(seed)
     config = TrainConfig(**{**TINY_MODEL, "image_size": image_size, **options})

@@ -34,15 +34,15 @@ def record_built(modules):
 
 
 def record_start(starts, modules):
-    """Wrap runtime.wrap, which train.py calls once the weights are loaded, to copy them."""
-    wrap = train.rt.wrap
+    """Wrap distributed.wrap, which train.py calls once the weights are loaded, to copy them."""
+    wrap = train.distributed.wrap
 
     def copy_then_wrap(*args, **kwargs):
         for name, module in modules.items():
             starts[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         return wrap(*args, **kwargs)
 
-    train.rt.wrap = copy_then_wrap
+    train.distributed.wrap = copy_then_wrap
 
 
 def fail_at_step(step, rank):

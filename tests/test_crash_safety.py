@@ -22,8 +22,8 @@ from PIL import Image
 
 import checkpoints
 import inference
+import run_folder
 import train
-import training_state
 import utils
 from checkpoints import load_checkpoint, save_checkpoint
 from utils import UserError, save_json
@@ -227,7 +227,7 @@ def assert_all_files_load(out):
     for folder in (checkpoint_dir, out, out / "samples"):
         for path in folder.iterdir() if folder.exists() else []:
             assert path.is_dir() or path.suffix in (".pth", ".json", ".png") or \
-                TEMP_NAME.fullmatch(path.name) or path.name == training_state.RunLock.NAME, path
+                TEMP_NAME.fullmatch(path.name) or path.name == run_folder.RunLock.NAME, path
     return latest["step"]
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import distributed
 import inference
-import runtime as rt
+import loaders
 import train
 from checkpoints import load_checkpoint
 
@@ -52,8 +53,8 @@ def test_fp32_on_cuda_means_no_tf32(tmp_path, demo_set):
 def test_channels_last_compile_and_pinned_memory(tmp_path, demo_set):
     config = tiny_config(tmp_path, demo_set, epochs=1, device="cuda", precision="bf16",
                          channels_last="on", compile=True, step_in_backward=True)
-    runtime = rt.Runtime(device=torch.device("cuda"))
-    loader, _ = rt.build_train_loader(config, runtime)
+    runtime = distributed.Runtime(device=torch.device("cuda"))
+    loader, _ = loaders.build_train_loader(config, runtime)
     assert loader.pin_memory
     assert train.train(config)["step"] == 4
 

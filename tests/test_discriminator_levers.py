@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import losses
 import train
 from checkpoints import load_checkpoint
 from config import PRESETS, TrainConfig, apply_preset
@@ -34,19 +35,19 @@ def test_features_are_each_leaky_relus_output_and_leave_the_logits_unchanged():
 
 def test_feature_matching_is_zero_for_equal_features_and_the_hand_computed_l1():
     real = [[torch.zeros(1, 2, 2, 2), torch.ones(1, 1, 3, 3)]]
-    assert train.feature_matching_loss(real, real).item() == 0.0
+    assert losses.feature_matching_loss(real, real).item() == 0.0
     fake = [[torch.full((1, 2, 2, 2), 0.5), torch.tensor([[[[1.0, 1, 1], [1, 1, 1], [1, 1, 4]]]])]]
     # Layer 1: |0.5 - 0| everywhere = 0.5; layer 2: one pixel of nine off by 3 = 1/3; summed.
-    assert train.feature_matching_loss(real, fake).item() == pytest.approx(0.5 + 1 / 3)
+    assert losses.feature_matching_loss(real, fake).item() == pytest.approx(0.5 + 1 / 3)
     # Two scales: their mean.
-    two = train.feature_matching_loss(real + real, fake + real)
+    two = losses.feature_matching_loss(real + real, fake + real)
     assert two.item() == pytest.approx((0.5 + 1 / 3) / 2)
 
 
 def test_feature_matching_sends_no_gradient_into_the_real_features():
     real = [[torch.zeros(1, 1, 2, 2, requires_grad=True)]]
     fake = [[torch.ones(1, 1, 2, 2, requires_grad=True)]]
-    train.feature_matching_loss(real, fake).backward()
+    losses.feature_matching_loss(real, fake).backward()
     assert real[0][0].grad is None
     assert torch.allclose(fake[0][0].grad, torch.full((1, 1, 2, 2), 0.25))
 
@@ -58,8 +59,8 @@ def test_feature_matching_through_a_stub_discriminator_is_zero_when_real_equals_
     _, real = per_scale(discriminator(label, photo, return_features=True))
     _, same = per_scale(discriminator(label, photo.clone(), return_features=True))
     _, other = per_scale(discriminator(label, -photo, return_features=True))
-    assert train.feature_matching_loss(real, same).item() == pytest.approx(0.0, abs=1e-6)
-    assert train.feature_matching_loss(real, other).item() > 0.01
+    assert losses.feature_matching_loss(real, same).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.feature_matching_loss(real, other).item() > 0.01
 
 
 def test_the_multi_scale_discriminator_judges_the_pooled_pair_at_half_resolution():
@@ -84,10 +85,10 @@ def test_the_multi_scale_discriminator_judges_the_pooled_pair_at_half_resolution
 def test_gan_loss_of_a_multi_scale_discriminator_is_the_mean_over_scales():
     full, half = torch.full((1, 1, 3, 3), 2.0), torch.full((1, 1, 2, 2), -1.0)
     for kind in ("bce", "lsgan", "hinge"):
-        expected = (train.gan_loss(full, True, kind) + train.gan_loss(half, True, kind)) / 2
-        assert train.gan_loss([full, half], True, kind).item() == pytest.approx(expected.item())
-    loss, _, _ = train.generator_loss([full], torch.zeros(1), torch.zeros(1), 100.0)
-    assert loss.item() == pytest.approx(train.gan_loss(full, True, for_generator=True).item())
+        expected = (losses.gan_loss(full, True, kind) + losses.gan_loss(half, True, kind)) / 2
+        assert losses.gan_loss([full, half], True, kind).item() == pytest.approx(expected.item())
+    loss, _, _ = losses.generator_loss([full], torch.zeros(1), torch.zeros(1), 100.0)
+    assert loss.item() == pytest.approx(losses.gan_loss(full, True, for_generator=True).item())
 
 
 def test_too_small_images_for_the_coarsest_scale_are_refused():

@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import runtime as rt
+import distributed
 import train
 from checkpoints import load_checkpoint
 from config import TrainConfig
 from inference import load_generator
-from runtime import EpochSampler
+from loaders import EpochSampler
 from models import build_discriminator, build_generator
 from utils import UserError
 
@@ -165,12 +165,12 @@ def test_two_shards_of_batch_b_hold_the_single_process_batch_of_2b():
 def test_sync_batchnorm_is_refused_on_the_cpu(monkeypatch):
     config = TrainConfig(device="cpu", sync_batchnorm=True)
     with pytest.raises(UserError, match="SyncBatchNorm does not run on the CPU"):
-        rt.setup(config)  # one process
+        distributed.setup(config)  # one process
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(UserError, match="SyncBatchNorm does not run on the CPU"):
-        rt.setup(config)  # under torchrun: refused before joining the process group
+        distributed.setup(config)  # under torchrun: refused before joining the process group
     assert not torch.distributed.is_initialized()
 
 

@@ -14,6 +14,7 @@ import export
 import inference
 from checkpoints import Progress, make_checkpoint, save_checkpoint
 from config import TrainConfig
+from exported import load_onnx
 from models import build_generator
 
 pytest.importorskip("onnxruntime")
@@ -111,7 +112,7 @@ def test_a_changed_weight_fails_the_check(exported, checkpoints, tmp_path):
         candidate.decoder.up2.conv.weight.mul_(1.5)
     with pytest.raises(inference.UserError, match="over the limits"):
         export.check_parity(generator, candidate, config, "changed")
-    onnx_generator, _ = inference.load_onnx(exported["rgb", ".onnx"][0])
+    onnx_generator, _ = load_onnx(exported["rgb", ".onnx"][0])
     with torch.no_grad():
         generator.decoder.up2.conv.weight.mul_(1.5)
     with pytest.raises(inference.UserError, match="over the limits"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import losses
 import train
 from cityscapes import COLORS, NUM_TRAIN_IDS
 from config import TrainConfig
@@ -25,8 +26,8 @@ def label_map(colours):
 def test_layout_classes_are_one_plus_the_train_id_and_void_or_blur_is_ignored():
     label = label_map([["road", "car", "unlabeled"], ["sky", "road", "road"]])
     label[0, :, 1, 2] = (torch.tensor([128, 64, 128]) + 40) / 127.5 - 1  # 69 from road: blur
-    classes = train.layout_classes(label)
-    ignored = train.IGNORED_CLASS
+    classes = losses.layout_classes(label)
+    ignored = losses.IGNORED_CLASS
     assert classes.tolist() == [[[1, 14, ignored], [11, 1, ignored]]]  # road 0, car 13, sky 10
 
 
@@ -36,17 +37,17 @@ def test_the_class_balanced_loss_makes_a_rare_class_weigh_as_much_as_a_common_on
     logits = torch.zeros(1, NUM_TRAIN_IDS + 1, 10, 10)
     logits[:, 1] = 10.0  # D says "road" everywhere: right on 90 %, wrong on the car
     wrong = F.cross_entropy(logits[:, :, 0, 0], torch.tensor([14])).item()
-    balanced = train.oasis_loss(logits, classes, to_classes=True).item()
+    balanced = losses.oasis_loss(logits, classes, to_classes=True).item()
     # Plain CE would be about 0.1 * wrong; balanced, the car is half of the loss.
     assert math.isclose(balanced, 0.5 * wrong, rel_tol=0.01)
     # Against "fake" the same logits are all wrong; ignored pixels count in neither.
-    classes[0, 5:] = train.IGNORED_CLASS
-    fake = train.oasis_loss(logits, classes, to_classes=False).item()
+    classes[0, 5:] = losses.IGNORED_CLASS
+    fake = losses.oasis_loss(logits, classes, to_classes=False).item()
     assert math.isclose(fake, F.cross_entropy(logits[:, :, 0, 0], torch.tensor([0])).item(),
                         rel_tol=1e-4)
     # A D that segments right scores a lower loss than one that does not.
     good = torch.zeros_like(logits).scatter_(1, classes.clamp_min(0)[:, None], 10.0)
-    assert train.oasis_loss(good, classes, True) < 0.01 < train.oasis_loss(logits, classes, True)
+    assert losses.oasis_loss(good, classes, True) < 0.01 < losses.oasis_loss(logits, classes, True)
 
 
 def test_the_oasis_discriminator_sees_the_photo_alone_and_gives_a_logit_per_class():

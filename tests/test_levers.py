@@ -8,15 +8,16 @@ import pytest
 import torch
 from torch import nn
 
+import losses
 import train
 from checkpoints import load_checkpoint
 from cityscapes import PALETTE
 from config import PRESETS, TrainConfig, apply_preset
 from conftest import TINY_MODEL, output_flags, tiny_config
+from ema import GeneratorEMA
 from inference import load_generator
 from models import (ModelConfig, ResizeConv2d, build_discriminator, build_generator,
                     count_parameters)
-from training_state import GeneratorEMA
 from utils import UserError
 
 
@@ -78,11 +79,11 @@ def test_spectral_norm_bounds_every_discriminator_layer():
 
 def test_hinge_loss_on_hand_made_logits():
     logits = torch.tensor([2.0, 0.5, -1.0])
-    assert train.gan_loss(logits, True, "hinge").item() == pytest.approx((0 + 0.5 + 2) / 3)
-    assert train.gan_loss(logits, False, "hinge").item() == pytest.approx((3 + 1.5 + 0) / 3)
-    assert train.gan_loss(logits, True, "hinge", for_generator=True).item() == \
+    assert losses.gan_loss(logits, True, "hinge").item() == pytest.approx((0 + 0.5 + 2) / 3)
+    assert losses.gan_loss(logits, False, "hinge").item() == pytest.approx((3 + 1.5 + 0) / 3)
+    assert losses.gan_loss(logits, True, "hinge", for_generator=True).item() == \
         pytest.approx(-0.5)
-    total, real, fake = train.discriminator_loss(logits, -logits, "hinge")
+    total, real, fake = losses.discriminator_loss(logits, -logits, "hinge")
     assert total.item() == pytest.approx(0.5 * (real + fake).item())
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import train
 from checkpoints import load_checkpoint
-from training_state import RunLog
+from training_log import RunLog
 from utils import UserError
 
 from conftest import cli_flags, logged_steps, run_in_process, temp_files, tiny_config

@@ -11,7 +11,7 @@ from conftest import cli_flags, draw_label_map, run_in_process, save_image, tiny
 import inference
 import train
 from config import TrainConfig
-from training_state import RunLog
+from training_log import RunLog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+import distributed
 import inference
-import runtime as rt
 import train
 from checkpoints import load_checkpoint
-from train import discriminator_loss
 from config import TrainConfig
-from runtime import build_train_loader, build_val_dataset
+from loaders import build_train_loader, build_val_dataset
+from losses import discriminator_loss
 from models import ModelConfig, build_generator
 
 from conftest import TINY_MODEL, TINY_TRAINING
@@ -71,8 +71,8 @@ def test_channels_last_and_fused_adam_match_fp32(tmp_path, demo_set, fp32_run):
 
 def test_channels_last_reaches_weights_inputs_and_outputs():
     config = TrainConfig(**{**TINY, "channels_last": "on"})
-    runtime = rt.Runtime(device=torch.device("cpu"), channels_last=True)
-    generator = rt.prepare(build_generator(config.model_config()), config, runtime)
+    runtime = distributed.Runtime(device=torch.device("cpu"), channels_last=True)
+    generator = distributed.prepare(build_generator(config.model_config()), config, runtime)
     conv = generator.encoder["down2"].conv.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
     x = runtime.to_device(torch.rand(2, 3, 32, 32))
@@ -123,8 +123,8 @@ def test_step_in_backward_makes_the_same_updates(tmp_path, demo_set, monkeypatch
 def test_no_gradient_outlives_its_optimizer_step(tmp_path, demo_set, monkeypatch, in_backward):
     """Gradients are freed as soon as their update is made, not kept through the next step's
     forward passes (where they would add the generator's 218 MB to the peak)."""
-    networks, real = [], rt.wrap
-    monkeypatch.setattr(rt, "wrap",
+    networks, real = [], distributed.wrap
+    monkeypatch.setattr(distributed, "wrap",
                         lambda g, d, *args: networks.extend([g, d]) or real(g, d, *args))
     grads_at_forward = []
     monkeypatch.setattr(train, "discriminator_loss", lambda *args: grads_at_forward.append(
@@ -143,7 +143,7 @@ def test_step_in_backward_stays_off_under_ddp_and_fp16(where, applies):
     model = build_generator(ModelConfig(image_size=16, generator_channels=4))
     config = TrainConfig(**{**TINY, "precision": where.get("precision", "fp32"),
                             "step_in_backward": True})
-    runtime = rt.Runtime(device=torch.device("cpu"), world_size=where.get("world_size", 1),
+    runtime = distributed.Runtime(device=torch.device("cpu"), world_size=where.get("world_size", 1),
                          precision=config.precision)
     optimizer = train.build_adam(model, config, runtime.device)
     assert train.step_in_backward(model, optimizer, config, runtime) is applies
@@ -171,7 +171,7 @@ def test_compile_traces_the_training_step(tmp_path, demo_set, fp32_run, monkeypa
 def test_cached_loader_gives_the_same_batches_and_caches_validation(demo_set):
     config = TrainConfig(**{**TINY, "data_dir": str(demo_set), "cache": "off"})
     cached_config = TrainConfig(**{**TINY, "data_dir": str(demo_set), "cache": "on"})
-    runtime = rt.Runtime(device=torch.device("cpu"))
+    runtime = distributed.Runtime(device=torch.device("cpu"))
     (plain, plain_sampler), (cached, cached_sampler) = (build_train_loader(c, runtime)
                                                         for c in (config, cached_config))
     plain_sampler.set_epoch(1)

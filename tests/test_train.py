@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import losses
 import train
 from checkpoints import load_checkpoint
 from inference import load_generator
@@ -31,20 +32,20 @@ def run_script(script, *args, cwd=ROOT):
 
 def test_gan_loss_on_hand_made_logits():
     zeros = torch.zeros(2, 1, 4, 4)
-    assert train.gan_loss(zeros, True).item() == pytest.approx(math.log(2))
-    assert train.gan_loss(zeros, False).item() == pytest.approx(math.log(2))
+    assert losses.gan_loss(zeros, True).item() == pytest.approx(math.log(2))
+    assert losses.gan_loss(zeros, False).item() == pytest.approx(math.log(2))
     big = torch.full((1, 1, 2, 2), 20.0)
-    assert train.gan_loss(big, True).item() == pytest.approx(0.0, abs=1e-8)
-    assert train.gan_loss(big, False).item() == pytest.approx(20.0, rel=1e-6)
-    assert train.gan_loss(torch.full((1, 1, 2, 2), 0.5), True, "lsgan").item() == \
+    assert losses.gan_loss(big, True).item() == pytest.approx(0.0, abs=1e-8)
+    assert losses.gan_loss(big, False).item() == pytest.approx(20.0, rel=1e-6)
+    assert losses.gan_loss(torch.full((1, 1, 2, 2), 0.5), True, "lsgan").item() == \
         pytest.approx(0.25)
     with pytest.raises(ValueError, match="bce, lsgan or hinge"):
-        train.gan_loss(zeros, True, "wasserstein")
+        losses.gan_loss(zeros, True, "wasserstein")
 
 
 def test_discriminator_loss_is_halved_sum():
     real, fake = torch.full((1, 1, 3, 3), 2.0), torch.full((1, 1, 3, 3), -1.0)
-    loss, real_part, fake_part = train.discriminator_loss(real, fake)
+    loss, real_part, fake_part = losses.discriminator_loss(real, fake)
     expected_real = math.log1p(math.exp(-2.0))  # -log(sigmoid(2))
     expected_fake = math.log1p(math.exp(-1.0))  # -log(1 - sigmoid(-1))
     assert real_part.item() == pytest.approx(expected_real, rel=1e-6)
@@ -54,13 +55,13 @@ def test_discriminator_loss_is_halved_sum():
 
 def test_generator_loss_adds_weighted_l1():
     fake, target = torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.5)
-    loss, adversarial, l1 = train.generator_loss(torch.zeros(1, 1, 2, 2), fake, target, 100.0)
+    loss, adversarial, l1 = losses.generator_loss(torch.zeros(1, 1, 2, 2), fake, target, 100.0)
     assert l1.item() == pytest.approx(0.5)
     assert adversarial.item() == pytest.approx(math.log(2))
     assert loss.item() == pytest.approx(math.log(2) + 50.0)
     # The generator's target is "real": logits of 3 (D fooled) cost little, -3 cost much.
-    _, fooled, _ = train.generator_loss(torch.full((1, 1, 2, 2), 3.0), fake, target, 100.0)
-    _, caught, _ = train.generator_loss(torch.full((1, 1, 2, 2), -3.0), fake, target, 100.0)
+    _, fooled, _ = losses.generator_loss(torch.full((1, 1, 2, 2), 3.0), fake, target, 100.0)
+    _, caught, _ = losses.generator_loss(torch.full((1, 1, 2, 2), -3.0), fake, target, 100.0)
     assert fooled.item() == pytest.approx(math.log1p(math.exp(-3.0)), rel=1e-6)
     assert caught.item() == pytest.approx(math.log1p(math.exp(3.0)), rel=1e-6)
 

@@ -14,13 +14,16 @@ from torch import nn
 
 import app
 import checkpoints
+import devices
+import distributed
 import inference
-import runtime as rt
+import loaders
+import run_folder
 import train
-import training_state
+import training_log
 from checkpoints import CheckpointWriter, Progress, load_checkpoint, restore_training_state
 from config import TrainConfig, build_parser
-from training_state import LossMeter
+from training_log import LossMeter
 from utils import UserError
 
 from conftest import (TINY_MODEL, cli_flags, output_flags, run_in_process, tiny_config,
@@ -85,14 +88,14 @@ def test_losses_are_read_only_when_logging_saving_or_validating(tmp_path, demo_s
                                                                 monkeypatch):
     """sum_over_ranks is where the loop reads numbers off the device (and sums them over the
     processes): once per maintenance point, never per step."""
-    reads, real = [], rt.sum_over_ranks
-    monkeypatch.setattr(rt, "sum_over_ranks", lambda values, runtime: reads.append(
+    reads, real = [], distributed.sum_over_ranks
+    monkeypatch.setattr(distributed, "sum_over_ranks", lambda values, runtime: reads.append(
         len(values)) or real(values, runtime))
     config = tiny_config(tmp_path, demo_set, epochs=2, log_every_steps=3)
     train.train(config)
     # 8 steps: the losses are read at steps 3, 4 (epoch end), 6 and 8 (epoch end); the other
     # reads are validation's (3 numbers) at both epoch ends.
-    assert reads.count(len(training_state.LOSS_NAMES) + 2) == 4 and reads.count(3) == 2
+    assert reads.count(len(training_log.LOSS_NAMES) + 2) == 4 and reads.count(3) == 2
     steps = [e["step"] for e in json.loads(Path(config.log_file).read_text())["steps"]]
     assert steps == [3, 4, 6, 8]
 
@@ -113,9 +116,9 @@ def test_the_meter_names_the_first_bad_step_without_reading_the_losses():
 
 
 def test_ddp_polls_the_stop_flag_every_few_steps_one_process_every_step():
-    alone = rt.StopFlag(rt.Runtime(device=torch.device("cpu")))
+    alone = distributed.StopFlag(distributed.Runtime(device=torch.device("cpu")))
     assert all(alone.due(step, False) for step in range(1, 30))
-    ddp = rt.StopFlag(rt.Runtime(device=torch.device("cpu"), world_size=2))
+    ddp = distributed.StopFlag(distributed.Runtime(device=torch.device("cpu"), world_size=2))
     assert [s for s in range(1, 30) if ddp.due(s, False)] == [10, 20]
     assert ddp.due(7, epoch_end=True)
 
@@ -151,7 +154,7 @@ def test_gan_step_scores_the_real_photo_as_real_and_the_fake_as_fake():
     optimizers = [train.build_adam(m, config, torch.device("cpu"))
                   for m in (generator, discriminator)]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    runtime = rt.Runtime(device=torch.device("cpu"))
+    runtime = distributed.Runtime(device=torch.device("cpu"))
     source, target = torch.zeros(1, 3, 2, 2), torch.ones(1, 3, 2, 2)
     g_adv, g_l1, d_real, d_fake = train.gan_step(nets, optimizers, scaler, source, target,
                                                  config, runtime, False).tolist()
@@ -226,15 +229,15 @@ def test_cuda_rng_states_are_restored_for_the_gpus_this_machine_has(monkeypatch)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_validation_and_sample_grids_restore_the_mode(tmp_path, demo_set, mode):
     config = tiny_config(tmp_path, demo_set)
-    runtime = rt.Runtime(device=torch.device("cpu"), batch_size=2)
-    loader, _ = rt.build_train_loader(config, runtime)
-    val = rt.build_val_dataset(config, runtime, loader.dataset)
+    runtime = distributed.Runtime(device=torch.device("cpu"), batch_size=2)
+    loader, _ = loaders.build_train_loader(config, runtime)
+    val = loaders.build_val_dataset(config, runtime, loader.dataset)
     from models import build_generator
     generator = build_generator(config.model_config()).train(mode == "train")
     train.validate(generator, val, runtime)
     assert generator.training == (mode == "train")
-    batch = rt.fixed_batch(val, [0], runtime)
-    training_state.save_sample_grid(generator, batch, runtime, tmp_path, 1)
+    batch = loaders.fixed_batch(val, [0], runtime)
+    training_log.save_sample_grid(generator, batch, runtime, tmp_path, 1)
     assert generator.training == (mode == "train")
 
 
@@ -275,11 +278,11 @@ def test_a_failed_background_write_is_raised_at_the_next_save(tmp_path, monkeypa
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_precision_is_bf16_where_the_hardware_computes_it(monkeypatch, native, expected):
-    monkeypatch.setattr(rt, "native_bf16", lambda device: native)
-    assert rt.resolve_precision("auto", torch.device("cpu"))[0] == expected
-    assert rt.resolve_precision("fp32", torch.device("cpu")) == ("fp32", "as asked")
+    monkeypatch.setattr(devices, "native_bf16", lambda device: native)
+    assert devices.resolve_precision("auto", torch.device("cpu"))[0] == expected
+    assert devices.resolve_precision("fp32", torch.device("cpu")) == ("fp32", "as asked")
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
-        rt.resolve_precision("fp16", torch.device("cpu"))
+        devices.resolve_precision("fp16", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -287,18 +290,18 @@ def test_channels_last_auto_follows_the_precision(monkeypatch, tmp_path, demo_se
     """Default `auto`: channels-last in bf16 or fp16, NCHW in fp32 and TF32, on any device; the
     flags alone, `--no_`, and old checkpoints' booleans say on/off; train and inference
     alike."""
-    monkeypatch.setattr(rt, "native_bf16", lambda device: native)
+    monkeypatch.setattr(devices, "native_bf16", lambda device: native)
     config = tiny_config(tmp_path, demo_set, precision="auto")
     assert config.channels_last == "auto"
-    runtime = rt.setup(config)
+    runtime = distributed.setup(config)
     assert (runtime.precision, runtime.channels_last) == (("bf16", True) if native
                                                           else ("fp32", False))
-    assert rt.setup(tiny_config(tmp_path, demo_set, channels_last="on")).channels_last
+    assert distributed.setup(tiny_config(tmp_path, demo_set, channels_last="on")).channels_last
     for precision, expected in (("bf16", True), ("fp16", True), ("tf32", False), ("fp32", False)):
-        assert rt.resolve_channels_last("auto", "cuda", precision) is expected
-        assert rt.resolve_channels_last("auto", "cpu", precision) is expected
-    assert not rt.resolve_channels_last("off", "cuda", "bf16")
-    assert rt.resolve_channels_last("on", "cpu", "fp32")
+        assert devices.resolve_channels_last("auto", "cuda", precision) is expected
+        assert devices.resolve_channels_last("auto", "cpu", precision) is expected
+    assert not devices.resolve_channels_last("off", "cuda", "bf16")
+    assert devices.resolve_channels_last("on", "cpu", "fp32")
     parser = build_parser("")
     assert vars(parser.parse_args(["--channels_last"]))["channels_last"] == "on"
     assert vars(parser.parse_args(["--no_channels_last"]))["channels_last"] == "off"
@@ -330,9 +333,9 @@ def test_fp32_is_strict_on_cuda_in_training_and_inference_alike(monkeypatch):
     flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
     before = [getattr(owner, name) for owner, name in flags]
     try:
-        rt.set_math_mode(torch.device("cuda"), "fp32")
+        devices.set_math_mode(torch.device("cuda"), "fp32")
         assert not any(getattr(owner, name) for owner, name in flags)
-        rt.set_math_mode(torch.device("cuda"), "tf32")
+        devices.set_math_mode(torch.device("cuda"), "tf32")
         assert all(getattr(owner, name) for owner, name in flags)
     finally:
         for (owner, name), value in zip(flags, before):
@@ -342,7 +345,7 @@ def test_fp32_is_strict_on_cuda_in_training_and_inference_alike(monkeypatch):
 
 def test_training_and_inference_print_their_precision(tmp_path, demo_set, tiny_checkpoint,
                                                       capsys):
-    expected = "bf16" if rt.native_bf16("cpu") else "fp32"
+    expected = "bf16" if devices.native_bf16("cpu") else "fp32"
     config = tiny_config(tmp_path, demo_set, epochs=1, max_steps=1, precision="auto")
     train.train(config)
     assert f"device cpu, precision {expected} (auto: " in capsys.readouterr().out
@@ -382,7 +385,7 @@ def hold_lock(folder):
     """A process holding the run lock of `folder`, as a running train.py would."""
     import subprocess
     import sys
-    code = ("import sys, time; from training_state import RunLock; "
+    code = ("import sys, time; from run_folder import RunLock; "
             f"lock = RunLock({str(folder)!r}); lock.acquire(); print('held', flush=True); "
             "time.sleep(60)")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=Path(train.__file__).parent,
@@ -406,7 +409,7 @@ def test_a_second_run_in_the_same_folder_is_refused_naming_the_process(tmp_path,
         holder.kill()
         holder.wait()
     # kill -9 leaves the lock file with a dead process id: stale, taken over.
-    lock = Path(config.checkpoint_dir) / training_state.RunLock.NAME
+    lock = Path(config.checkpoint_dir) / run_folder.RunLock.NAME
     assert lock.read_text().strip() == str(holder.pid)
     status, out, err = run_in_process(train.main, cli_flags(config), capsys)
     assert status == 0, err
@@ -417,10 +420,10 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path, demo_set):
     config = tiny_config(tmp_path, tmp_path / "missing", epochs=1)
     with pytest.raises(UserError, match="data folder not found"):
         train.train(config)
-    assert not (Path(config.checkpoint_dir) / training_state.RunLock.NAME).exists()
-    with training_state.RunLock(config.checkpoint_dir):  # free to take
+    assert not (Path(config.checkpoint_dir) / run_folder.RunLock.NAME).exists()
+    with run_folder.RunLock(config.checkpoint_dir):  # free to take
         with pytest.raises(UserError, match=f"process {__import__('os').getpid()}"):
-            training_state.RunLock(config.checkpoint_dir).acquire()
+            run_folder.RunLock(config.checkpoint_dir).acquire()
 
 
 def test_a_resume_writes_where_its_command_line_says(tmp_path, demo_set, capsys, monkeypatch):
@@ -462,7 +465,7 @@ def test_the_averaged_generator_gets_the_statistics_of_its_own_weights():
     weights; after `recalibrate` they are the average of its own batch statistics over the
     label batches, and it is back in eval mode with its momentum."""
     from models import ModelConfig, build_generator
-    from training_state import GeneratorEMA
+    from ema import GeneratorEMA
     torch.manual_seed(0)
     live = build_generator(ModelConfig(image_size=32, generator_channels=8, dropout=False))
     ema = GeneratorEMA(live, decay=0.9)
@@ -489,7 +492,7 @@ def test_the_averaged_generator_gets_the_statistics_of_its_own_weights():
 def test_the_averaged_generators_statistics_come_from_maps_spread_over_the_training_set():
     """A real set's files in name order are consecutive frames of one drive: the calibration
     maps are spread over the whole set, first to last, not its first 64."""
-    from training_state import EMA_CALIBRATION_PAIRS, calibration_indices
+    from ema import EMA_CALIBRATION_PAIRS, calibration_indices
     spread = calibration_indices(367)
     assert len(set(spread)) == len(spread) == EMA_CALIBRATION_PAIRS
     assert spread[0] == 0 and spread[-1] == 366 and spread == sorted(spread)

@@ -1,0 +1,94 @@
+"""pix2pix's objectives, as pure functions of tensors: the adversarial losses (bce, lsgan,
+hinge, OASIS's per-class one), D's and G's totals (G adds lambda * L1), and pix2pixHD's feature
+matching. train.py's GAN step calls them.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from cityscapes import IGNORE_ID, LABELS, MAX_COLOR_DISTANCE, PALETTE
+
+
+def gan_loss(logits, is_real, kind="bce", for_generator=False, classes=None):
+    """Adversarial loss of a batch of PatchGAN logits against an all-real or all-fake target.
+
+    Hinge (Lim & Ye 2017, as in SAGAN/SPADE): D pushes real logits above 1 and fake below -1;
+    G (`for_generator`) raises the fake logits without a margin. OASIS: `classes` (from
+    layout_classes) are the targets of "real", class 0 of "fake" (oasis_loss). A list (one grid
+    per scale of a multi-scale D) gives the mean of the scales' losses."""
+    if isinstance(logits, list):
+        return sum(gan_loss(x, is_real, kind, for_generator, classes)
+                   for x in logits) / len(logits)
+    if kind == "oasis":  # G asks for its photo's pixels to be segmented as the label map says
+        return oasis_loss(logits, classes, is_real)
+    if kind == "hinge":
+        logits = logits.float()
+        if for_generator:
+            return -logits.mean()
+        return F.relu(1 - logits).mean() if is_real else F.relu(1 + logits).mean()
+    target = torch.ones_like(logits) if is_real else torch.zeros_like(logits)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    if kind == "lsgan":
+        return F.mse_loss(logits.float(), target.float())
+    raise ValueError(f"unknown GAN loss {kind!r}; choose bce, lsgan or hinge")
+
+
+def discriminator_loss(real_logits, fake_logits, kind="bce", classes=None):
+    """(loss, real part, fake part); halved as in the paper, to slow D relative to G."""
+    real = gan_loss(real_logits, True, kind, classes=classes)
+    fake = gan_loss(fake_logits, False, kind, classes=classes)
+    return 0.5 * (real + fake), real, fake
+
+
+def generator_loss(fake_logits, fake, target, lambda_l1, kind="bce", classes=None):
+    """(loss, adversarial part, L1 part): fool D, and stay near the target in L1."""
+    adversarial = gan_loss(fake_logits, True, kind, for_generator=True, classes=classes)
+    l1 = F.l1_loss(fake.float(), target.float())
+    return adversarial + lambda_l1 * l1, adversarial, l1
+
+
+IGNORED_CLASS = -100  # F.cross_entropy's default ignore_index
+_TRAIN_IDS = torch.tensor([train_id for _, train_id, _ in LABELS])
+
+
+def layout_classes(label, max_distance=MAX_COLOR_DISTANCE):
+    """(B, 3, H, W) colour label maps in [-1, 1] -> (B, H, W) int64 OASIS targets: 1 + the
+    train ID of each pixel's nearest palette colour (0 is "fake"); IGNORED_CLASS for void
+    classes and for pixels farther than `max_distance` from every colour (blended borders),
+    the rule of cityscapes.decode_train_ids, on the device."""
+    colours = ((label.float() + 1) * 127.5).round()
+    palette = torch.tensor(PALETTE, dtype=torch.float32, device=label.device)
+    distances = (colours[:, None] - palette[None, :, :, None, None]).square().sum(2)
+    nearest, index = distances.min(1)  # (B, H, W) squared distance, palette index
+    train_ids = _TRAIN_IDS.to(label.device)[index]
+    ignored = (train_ids == IGNORE_ID) | (nearest > max_distance ** 2)
+    return torch.where(ignored, IGNORED_CLASS, train_ids + 1)
+
+
+def oasis_loss(logits, classes, to_classes):
+    """OASIS's adversarial loss (Schoenfeld et al., ICLR 2021): D's (B, N+1, h, w) logits,
+    upsampled to the label size, against `classes` (`to_classes`: D on real photos, and G on
+    its fakes) or against class 0, "fake" (D on fakes). The class targets are balanced: each
+    class present in the batch weighs as much in total, inverse to its pixel count, so a pole
+    counts as much as the road."""
+    logits = F.interpolate(logits.float(), size=classes.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    if not to_classes:
+        return F.cross_entropy(logits, torch.zeros_like(classes).masked_fill(
+            classes == IGNORED_CLASS, IGNORED_CLASS))
+    labelled = classes != IGNORED_CLASS
+    counts = torch.bincount(classes[labelled], minlength=logits.shape[1]).float()
+    present = (counts > 0).sum().clamp_min(1)
+    # Mean weight over the labelled pixels is 1: the loss keeps the scale of plain CE.
+    weights = (labelled.sum() / (present * counts.clamp_min(1)))[classes.clamp_min(0)]
+    per_pixel = F.cross_entropy(logits, classes, ignore_index=IGNORED_CLASS, reduction="none")
+    return (per_pixel * weights * labelled).sum() / labelled.sum().clamp_min(1)
+
+
+def feature_matching_loss(real_features, fake_features):
+    """pix2pixHD's: L1 between D's features of (label, real), a target without gradient, and of
+    (label, fake); summed over layers, averaged over scales (lists per scale of lists per layer)."""
+    return sum(sum(F.l1_loss(f.float(), r.detach().float()) for r, f in zip(reals, fakes))
+               for reals, fakes in zip(real_features, fake_features)) / len(real_features)
+
