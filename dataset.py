@@ -97,23 +97,32 @@ def read_rgb(path, role="image", label_format="auto"):
 
 # --- Finding pairs --------------------------------------------------------------------------
 
-def list_images(folder):
-    """Image files of a folder, sorted naturally (2.jpg before 10.jpg); other files warned."""
+def scan_folder(folder, what="data folder"):
+    """(image files sorted naturally (2.jpg before 10.jpg), the other entries sorted) of a
+    folder; hidden entries (.DS_Store, macOS's ._ files) are ignored. A missing folder, or one
+    without images, is a UserError naming it as `what`. The one folder scanner: inference.py's
+    inputs are found with it too."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: data folder not found")
+        raise UserError(f"{folder}: {what} not found")
     images, others = [], []
     for p in folder.iterdir():
         if p.name.startswith("."):
             continue
         (images if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES else others).append(p)
-    if others:
-        names = ", ".join(sorted(p.name for p in others)[:5])
-        warnings.warn(f"{folder}: skipping {len(others)} non-image entries ({names})",
-                      stacklevel=2)
     if not images:
         raise UserError(f"{folder}: no images found (expected .jpg or .png files)")
-    return sorted(images, key=_natural_key)
+    return sorted(images, key=_natural_key), sorted(others)
+
+
+def list_images(folder):
+    """Image files of a data folder, sorted naturally; other entries warned of, in one line."""
+    images, others = scan_folder(folder)
+    if others:
+        names = ", ".join(p.name for p in others[:5])
+        warnings.warn(f"{folder}: skipping {len(others)} non-image entries ({names})",
+                      stacklevel=2)
+    return images
 
 
 def _natural_key(path):

@@ -46,7 +46,7 @@ import metrics
 from cityscapes import NUM_TRAIN_IDS, decode_train_ids
 from dataset import LABEL_SIDES, LAYOUTS, find_pairs, list_images, load_pair, read_rgb
 from devices import choose_device
-from inference import Translator, load_generator
+from inference import load_translator
 from utils import UserError, atomic_write, one_line, run_cli, save_json
 
 SEG_INPUT_SCALES = {"0-1": 1 / 255, "0-255": 1.0}
@@ -128,11 +128,7 @@ def generator_samples(model_path, data_dir, device, batch_size, layout="auto",
                       label_side="auto"):
     """(names, iterator of Samples): each pair's label map translated by the checkpoint."""
     pairs = find_pairs(data_dir, layout, label_side)[0]
-    generator, config = load_generator(model_path, device)
-    if config.get("direction", "label2photo") != "label2photo":
-        raise UserError(f"{model_path}: translates photos to label maps; evaluate.py scores "
-                        "label map -> photo generators")
-    translator = Translator(generator, config, device)
+    translator, _ = load_translator(model_path, device, label2photo_for="evaluate.py")
 
     def samples():
         for start in range(0, len(pairs), batch_size):

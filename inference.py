@@ -5,8 +5,8 @@
 
 The checkpoint carries the run's configuration, so no architecture flags are needed.
 --model_path also takes a run folder (runs/NAME) and export.py's .safetensors and .onnx files
-(exported.py reads them): every script that loads a generator does it through load_generator
-here.
+(exported.py reads them): every script that uses a generator gets it ready through
+load_translator here.
 """
 
 import argparse
@@ -29,7 +29,7 @@ import devices
 from checkpoints import load_checkpoint, load_state, run_file
 from config import check_model_values
 from config import saved as saved_config
-from dataset import IMAGE_SUFFIXES, LABEL_SIDES, PAIR_NAME, read_rgb
+from dataset import LABEL_SIDES, PAIR_NAME, read_rgb, scan_folder
 from exported import load_onnx, read_safetensors
 from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
 from models import ModelConfig, build_generator
@@ -152,24 +152,41 @@ class Translator:
         return outputs
 
 
+def load_translator(model_path, device, precision="fp32", channels_last="off", compile=False,
+                    native=False, paper_test_mode=False, label2photo_for=""):
+    """The one way a script gets a generator ready for use: (Translator, a line saying how it
+    runs). Loads --model_path (load_generator), decides `precision` and `channels_last` for
+    `device` (an ONNX graph runs in fp32), sets the math mode, applies them and `compile`.
+    `label2photo_for` names a caller that needs label map -> photo (the page, evaluate.py):
+    a photo2label model is refused."""
+    precision, why = devices.resolve_precision(precision, device)
+    devices.set_math_mode(device, precision)
+    generator, config = load_generator(model_path, device)
+    in_pytorch = runs_in_pytorch(generator, model_path, paper_test_mode, compile)
+    if not in_pytorch:
+        precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
+    channels_last = in_pytorch and devices.resolve_channels_last(channels_last, device, precision)
+    generator = optimize_generator(generator, channels_last, compile,
+                                   freeze=not paper_test_mode)
+    translator = Translator(generator, config, device, native, paper_test_mode, precision,
+                            channels_last)
+    if label2photo_for and not translator.input_is_label:
+        raise UserError(f"{model_path}: the model translates photos to label maps; "
+                        f"{label2photo_for} needs a label2photo model")
+    line = (f"device {device}, precision {precision} ({why})"
+            f"{', channels_last' if channels_last else ''}")
+    return translator, line
+
+
 # --- Finding the inputs ---------------------------------------------------------------------
 
 def list_inputs(folder, layout="auto"):
     """(files to translate, layout, skipped files). In a folder of NAME_input/NAME_target pairs
     every image but the NAME_target photos is translated."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: input folder not found")
-    files = []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
-            continue
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+    files, others = scan_folder(folder, "input folder")
+    for path in others:
+        if not path.is_dir():  # sub-folders (an output folder, say) are no inputs
             warnings.warn(f"{path}: not an image file, skipped", stacklevel=2)
-            continue
-        files.append(path)
-    if not files:
-        raise UserError(f"{folder}: no images found (expected .jpg or .png files)")
     if layout == "auto":
         layout = "paired" if any(PAIR_NAME.match(p.stem) for p in files) else "labels"
     skipped = []
@@ -338,27 +355,17 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     device = devices.choose_device(args.device)
-    precision, why = devices.resolve_precision(args.precision, device)
-    devices.set_math_mode(device, precision)
     files, layout, skipped = list_inputs(args.input_dir, args.input_layout)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a folder (--output_dir)")
-    generator, config = load_generator(args.model_path, device)
-    in_pytorch = runs_in_pytorch(generator, args.model_path, args.paper_test_mode, args.compile)
-    if not in_pytorch:
-        precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
-    channels_last = in_pytorch and devices.resolve_channels_last(args.channels_last, device,
-                                                                 precision)
-    print(f"device {device}, precision {precision} ({why})"
-          f"{', channels_last' if channels_last else ''}")
+    translator, line = load_translator(args.model_path, device, args.precision,
+                                       args.channels_last, args.compile, args.native,
+                                       args.paper_test_mode)
+    print(line)
     refuse_input_folder(args.input_dir, output_dir)
     make_folder(output_dir, "output_dir")  # fail before translating, not at the first write
     targets = output_paths(files, output_dir)  # collisions refused before the first image
-    generator = optimize_generator(generator, channels_last, args.compile,
-                                   freeze=not args.paper_test_mode)
-    translator = Translator(generator, config, device, args.native, args.paper_test_mode,
-                            precision, channels_last)
     pairs, label_side, evidence = find_side_by_side(files, args.input_layout, layout,
                                                     args.label_side)
     if pairs:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cityscapes import PALETTE
+from utils import declared, option
 
 
 def _batch_norm(channels):
@@ -141,42 +142,50 @@ def norm_layer(norm):
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild the networks; saved inside every checkpoint."""
+    """Everything needed to rebuild the networks; saved inside every checkpoint. The settings
+    train.py exposes are declared here once (TrainConfig takes them from here); a checkpoint
+    saved before one existed gets its `legacy` value: that run's networks."""
 
-    in_channels: int = 3  # channels of the generator's input (the label map)
-    out_channels: int = 3  # channels of the generator's output (the photo)
-    image_size: int = 256  # training crop; sets the U-Net depth (256 -> 8, 128 -> 7)
-    generator_channels: int = 64  # width of the first generator layer
-    discriminator_channels: int = 64  # width of the first discriminator layer
-    discriminator_layers: int = 3  # 0: 1x1 PixelGAN, 1: 16x16, 3: 70x70, 5: 286x286
-    norm: str = "batch"  # "batch" (the paper) or "instance"
-    dropout: bool = True  # dropout 0.5 in the deep decoder blocks (the paper's noise)
-    # Added later; a checkpoint without them gets the paper's networks (these defaults).
-    upsample: str = "transposed"  # generator's decoder: "transposed" (paper) or "resize" conv
-    spectral_norm: bool = False  # spectral norm on every discriminator convolution
-    discriminator_scales: int = 1  # PatchGANs at full, 1/2, ... resolution (pix2pixHD: 2-3)
-    label_input: str = "rgb"  # "rgb" colours, or "onehot": one channel per palette colour
-    # 0: D gives one real/fake logit per patch; N > 0 (OASIS): D sees the photo alone and gives
-    # N + 1 logits per patch, "fake" and the N label classes.
-    discriminator_classes: int = 0
+    in_channels: int = option(3, "channels of the generator's input (the label map)",
+                              minimum=1)
+    out_channels: int = option(3, "channels of the generator's output (the photo)", minimum=1)
+    image_size: int = option(256, "training crop in pixels (a power of two; sets U-Net depth)",
+                             minimum=1)
+    generator_channels: int = option(64, "width of the generator's first layer", minimum=1,
+                                     paper=64)
+    discriminator_channels: int = option(64, "width of the discriminator's first layer",
+                                         minimum=1, paper=64)
+    discriminator_layers: int = option(3, "PatchGAN depth: 0 pixel, 1 16x16, 3 70x70, 5 "
+                                       "286x286", minimum=0, paper=3)
+    norm: str = option("batch", "normalisation layers", tuple(NORMS), paper="batch")
+    dropout: bool = option(True, "dropout in the generator's deep decoder blocks", paper=True)
+    upsample: str = option("resize", "generator's upsampling: transposed convolution (paper) or "
+                           "nearest resize + 3x3 convolution", tuple(UPSAMPLES),
+                           paper="transposed", legacy="transposed")
+    spectral_norm: bool = option(False, "spectral norm on the discriminator's convolutions",
+                                 paper=False, legacy=False)
+    discriminator_scales: int = option(1, "PatchGANs judging at full, 1/2, ... resolution "
+                                       "(pix2pixHD's multi-scale discriminator; 1: the paper)",
+                                       minimum=1, paper=1, legacy=1)
+    label_input: str = option("rgb", "label maps as RGB colours (the paper) or one-hot: one "
+                              "channel per Cityscapes palette colour, nearest colour per pixel",
+                              LABEL_INPUTS, paper="rgb", legacy="rgb")
+    discriminator_classes: int = option(0, "0: D gives one real/fake logit per patch; N > 0 "
+                                        "(OASIS): D sees the photo alone and gives N + 1 logits "
+                                        "per patch, 'fake' and the N label classes", minimum=0)
 
     def __post_init__(self):
-        norm_layer(self.norm)  # validates the name
-        if self.label_input not in LABEL_INPUTS:
-            raise ValueError(f"unknown label_input {self.label_input!r}; choose one of "
-                             f"{', '.join(LABEL_INPUTS)}")
-        if self.upsample not in UPSAMPLES:
-            raise ValueError(f"unknown upsample {self.upsample!r}; choose one of "
-                             f"{sorted(UPSAMPLES)}")
+        for f in fields(self):
+            value, choices, minimum = (getattr(self, f.name), f.metadata["choices"],
+                                       f.metadata["minimum"])
+            if choices and value not in choices:
+                raise ValueError(f"unknown {f.name} {value!r}; choose one of "
+                                 f"{', '.join(choices)}")
+            if minimum is not None and value < minimum:
+                raise ValueError(f"{f.name} must be >= {minimum}")
         size = self.image_size
         if size < 4 or size & (size - 1):
             raise ValueError(f"image_size must be a power of two >= 4, got {size}")
-        if self.discriminator_layers < 0:
-            raise ValueError("discriminator_layers must be >= 0")
-        if self.discriminator_scales < 1:
-            raise ValueError("discriminator_scales must be >= 1")
-        if self.discriminator_classes < 0:
-            raise ValueError("discriminator_classes must be >= 0")
         # The coarsest PatchGAN needs at least one logit: its stride-2 blocks, then two
         # 4x4 stride-1 convolutions that each take a pixel off.
         coarsest = size // 2 ** (self.discriminator_scales - 1)
@@ -196,7 +205,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values):
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**declared(cls, "legacy") | {k: v for k, v in values.items() if k in known})
 
 
 def init_weights(module):

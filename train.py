@@ -14,6 +14,7 @@ import contextlib
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -268,7 +269,6 @@ def _train(config, runtime, resume_from, overwrite):
                   build_adam(discriminator, config, runtime.device, config.discriminator_lr))
     ema = GeneratorEMA(generator, config.ema_decay) if config.ema_decay else None
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    log = RunLog(config, runtime.is_main)
     progress, running = Progress(), None
     if resume_from is not None:
         checkpoint, path = resume_from
@@ -276,7 +276,6 @@ def _train(config, runtime, resume_from, overwrite):
                                                    optimizers, scaler, ema)
         for optimizer in optimizers:
             apply_adam_kernel(optimizer, config, runtime.device)
-        log.resume(progress.step)
     if runtime.rank > 0:  # other dropout draws on other processes
         torch.manual_seed(config.seed + 1_000_003 * runtime.rank + progress.step)
     nets = Networks(generator, discriminator, *distributed.wrap(generator, discriminator, config,
@@ -285,11 +284,15 @@ def _train(config, runtime, resume_from, overwrite):
     meter = LossMeter(runtime.device, running)
     shown = ema.module if ema else generator  # what validation, samples and FID see
 
-    # Data. The decided layout and label half go into every checkpoint's configuration: a
-    # resume reads the same half whatever the detector would say of the folder then.
+    # Data. The layout and label half decided on the training pairs are part of the run's
+    # configuration, logged from here on: the log, every checkpoint and the console give the
+    # same (and a resume reads the same half whatever the detector would say of the folder).
     loader, sampler = build_train_loader(config, runtime)
-    config.layout = loader.dataset.layout
-    config.label_side = loader.dataset.label_side or config.label_side
+    config = replace(config, layout=loader.dataset.layout,
+                     label_side=loader.dataset.label_side or config.label_side)
+    log = RunLog(config, runtime.is_main)
+    if resume_from is not None:
+        log.resume(progress.step)
     val_dataset = build_val_dataset(config, runtime, loader.dataset)
     sample_batch = fixed_batch(val_dataset, range(min(config.num_samples, len(val_dataset))),
                                   runtime)

@@ -9,11 +9,29 @@ import re
 import sys
 import tempfile
 import threading
+from dataclasses import field, fields
 from pathlib import Path
 
 import torch
 
 RUNS_DIR = "runs"  # train.py --name NAME writes under runs/NAME/
+
+
+def option(default, help, choices=None, *, minimum=None, paper=None, legacy=None,
+           resumable=False):
+    """A configuration field, declared once: its default and --help text, its valid `choices`
+    or `minimum`, its value in `--preset paper` (`paper`), the value a configuration saved
+    before it existed gets (`legacy`: that run's behaviour), and whether --resume may change it
+    (`resumable`). config.py derives the flags, checks and tables from these."""
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "paper": paper,
+                "legacy": legacy, "resumable": resumable or None}
+    return field(default=default, metadata=metadata)
+
+
+def declared(cls, key):
+    """{field name: value} of `key` (e.g. "paper") over the fields of the dataclass `cls`
+    whose option declares one."""
+    return {f.name: f.metadata[key] for f in fields(cls) if f.metadata.get(key) is not None}
 
 
 class UserError(Exception):

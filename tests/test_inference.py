@@ -1,5 +1,7 @@
 """Translating folders with a checkpoint: sizes, layouts, modes, determinism."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,26 @@ def test_photo2label_output_keeps_to_nearest_colours(tiny_checkpoint, rng):
     small_colours = {tuple(c) for c in
                      to_uint8(small[0, :, :h, :w]).permute(1, 2, 0).reshape(-1, 3).tolist()}
     assert {tuple(c) for c in out.reshape(-1, 3).tolist()} <= small_colours
+
+
+def test_every_script_reads_the_direction_alike(tmp_path, tiny_checkpoint, make_dataset, rng):
+    """inference.py, the page and evaluate.py get their generator from load_translator: a
+    photo2label checkpoint translates photos in inference.py, and is refused, naming the file,
+    by the page and evaluate.py, which need label maps -> photos."""
+    import app
+    import evaluate
+    from utils import UserError
+
+    checkpoint = tiny_checkpoint(direction="photo2label")
+    inputs = tmp_path / "photos"
+    inputs.mkdir()
+    save_image(draw_photo(draw_label_map(30, 40, rng), rng), inputs / "0.jpg")
+    translate_cli(["--input_dir", inputs, "--output_dir", tmp_path / "out",
+                   "--model_path", checkpoint])
+    assert size_of(tmp_path / "out" / "0.png") == (40, 30)
+    with pytest.raises(UserError, match=f"{re.escape(str(checkpoint))}: .*the page needs a label2photo"):
+        app.load_service(checkpoint, torch.device("cpu"), "fp32")
+    data = make_dataset(splits=(("val", 1),), size=32)
+    with pytest.raises(UserError, match=f"{re.escape(str(checkpoint))}: .*evaluate.py needs a label2photo"):
+        evaluate.main(["--model_path", str(checkpoint), "--data_dir", str(data / "val"),
+                       "--no_fid", "--device", "cpu"])

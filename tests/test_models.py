@@ -6,20 +6,22 @@ from torch import nn
 
 from models import (ModelConfig, PatchDiscriminator, ResizeConv2d, UNetGenerator,
                     build_discriminator, build_generator, count_parameters, split_passes)
+from utils import declared
 
 SMALL = {"generator_channels": 8, "discriminator_channels": 8}
+PAPER = declared(ModelConfig, "paper")  # the paper's networks (the defaults differ since)
 
 
 @pytest.fixture(scope="module")
 def paper_generator():
     torch.manual_seed(0)
-    return build_generator(ModelConfig())
+    return build_generator(ModelConfig(**PAPER))
 
 
 @pytest.fixture(scope="module")
 def paper_discriminator():
     torch.manual_seed(0)
-    return build_discriminator(ModelConfig())
+    return build_discriminator(ModelConfig(**PAPER))
 
 
 def small_generator(**options):

@@ -114,6 +114,21 @@ def test_checkpoints_round_trip_and_load_weights_only(tmp_path, demo_set):
     assert saved_config["image_size"] == 32
 
 
+def test_decided_layout_is_the_same_in_log_checkpoints_and_console(tmp_path, make_dataset,
+                                                                   capsys):
+    data = make_dataset(layout="side_by_side", label_side="left")
+    config = tiny_config(tmp_path, data, epochs=1, max_steps=1)
+    assert (config.layout, config.label_side) == ("auto", "auto")
+    train.train(config)
+    decided = {"layout": "side_by_side", "label_side": "left"}
+    log = json.loads(Path(config.log_file).read_text())
+    for saved in (log["config"], *(load_checkpoint(Path(config.checkpoint_dir) / name)["config"]
+                                   for name in ("generator.pth", "latest.pth"))):
+        assert {key: saved[key] for key in decided} == decided
+    out = capsys.readouterr().out
+    assert "layout side_by_side" in out and "left half" in out
+
+
 @pytest.mark.parametrize("image_size", [32, 64])  # at 64 the U-Net has a dropout layer
 def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, demo_set, image_size):
     whole = tiny_config(tmp_path / "whole", demo_set, epochs=2, image_size=image_size)
