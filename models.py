@@ -9,6 +9,7 @@ discriminator (PatchGANs on the pair at full and reduced resolution) is the one 
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -287,6 +288,14 @@ class UNetGenerator(nn.Module):
         return x
 
 
+class Judgement(NamedTuple):
+    """What a discriminator says of a batch at one scale; every discriminator returns a list
+    of them, one per scale, finest first (one for a single PatchGAN)."""
+
+    logits: torch.Tensor  # (B, 1, h, w): real/fake per patch; OASIS: (B, N + 1, h, w)
+    features: list[torch.Tensor]  # each LeakyReLU's output: what feature matching compares
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN: a grid of real/fake logits, each judging one receptive-field patch.
 
@@ -334,17 +343,15 @@ class PatchDiscriminator(nn.Module):
                 if isinstance(layer, nn.Conv2d):
                     nn.utils.parametrizations.spectral_norm(layer)
 
-    def forward(self, label, photo, return_features=False, passes=1):
-        """(B, C1, H, W), (B, C2, H, W) -> (B, 1, h, w) logits; with `return_features`,
-        (logits, [the output of each LeakyReLU]): what feature matching compares.
+    def forward(self, label, photo, passes=1):
+        """(B, C1, H, W), (B, C2, H, W) -> [Judgement]: one scale's (B, 1, h, w) logits and the
+        output of each LeakyReLU (what feature matching compares).
 
         `passes` > 1: the batch is that many equal batches stacked (real pairs, then fake ones)
         that go through the convolutions together, in larger matrix products, while each
         normalisation layer takes each one's statistics on its own: the logits of separate
         passes. (Spectral norm's power iteration then runs once for all of them.)"""
         x = torch.cat([self.label_encoding(label), photo], dim=1) if self.conditional else photo
-        if not return_features and passes == 1:
-            return self.layers(x)
         features = []
         for layer in self.layers:
             if passes > 1 and isinstance(layer, nn.modules.batchnorm._NormBase):
@@ -353,43 +360,33 @@ class PatchDiscriminator(nn.Module):
                 x = layer(x)
             if isinstance(layer, nn.LeakyReLU):
                 features.append(x)
-        return (x, features) if return_features else x
+        return [Judgement(x, features)]
 
 
 class MultiScaleDiscriminator(nn.Module):
     """pix2pixHD's multi-scale discriminator: PatchGAN `scale1` sees the full resolution, each
     further one the pair average-pooled 2x once more, so its patches cover twice the scene.
-    Returns a list with one PatchGAN output per scale, finest first."""
+    Returns one Judgement per scale, finest first."""
 
     def __init__(self, scales=2, **patch_options):
         super().__init__()
         for k in range(1, scales + 1):
             self.add_module(f"scale{k}", PatchDiscriminator(**patch_options))
 
-    def forward(self, label, photo, return_features=False, passes=1):
-        outputs = []
+    def forward(self, label, photo, passes=1):
+        judgements = []
         for k, discriminator in enumerate(self.children()):
             if k:
                 label, photo = F.avg_pool2d(label, 2), F.avg_pool2d(photo, 2)
-            outputs.append(discriminator(label, photo, return_features, passes))
-        return outputs
+            judgements += discriminator(label, photo, passes)
+        return judgements
 
 
-def split_passes(logits, passes=2):
-    """A discriminator's logits of stacked passes (`passes=`) -> one output per pass, each a
-    grid or, from a multi-scale D, a list of grids."""
-    if isinstance(logits, list):
-        return [list(grids) for grids in zip(*(split_passes(grid, passes) for grid in logits))]
-    return logits.chunk(passes)
-
-
-def per_scale(output):
-    """A discriminator's output as (logit grids, feature lists or None), lists over its scales
-    (one for a single PatchGAN)."""
-    outputs = output if isinstance(output, list) else [output]
-    if isinstance(outputs[0], tuple):  # with return_features
-        return [logits for logits, _ in outputs], [features for _, features in outputs]
-    return outputs, None
+def split_passes(judgements, passes=2):
+    """A discriminator's judgements of stacked passes (`passes=`) -> one list of judgements per
+    pass, in the order the batches were stacked."""
+    return [[Judgement(j.logits.chunk(passes)[k], [f.chunk(passes)[k] for f in j.features])
+             for j in judgements] for k in range(passes)]
 
 
 def build_generator(config: ModelConfig) -> UNetGenerator:

@@ -30,7 +30,7 @@ from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_f
 from ema import GeneratorEMA, calibration_indices
 from loaders import build_train_loader, build_val_dataset, fixed_batch, total_steps
 from losses import discriminator_loss, feature_matching_loss, generator_loss, layout_classes
-from models import build_discriminator, build_generator, per_scale, split_passes
+from models import build_discriminator, build_generator, split_passes
 from run_folder import RunLock, claim_outputs, outputs_in_data, resume_command
 from training_log import LOSS_NAMES, LossMeter, RunLog, describe_epoch, save_sample_grid
 from utils import UserError, make_folder, one_line, psnr, run_cli
@@ -116,11 +116,12 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     # The discriminator: (label, real) against (label, fake), the fake detached, in one pass
     # over both batches (batch norm keeps each one's statistics, as two passes would).
     nets.discriminator.requires_grad_(True)
-    with runtime.autocast():  # a multi-scale D gives a list of logit grids: gan_loss takes both
-        real_logits, fake_logits = split_passes(nets.discriminator_step(
+    with runtime.autocast():
+        real_judged, fake_judged = split_passes(nets.discriminator_step(
             torch.cat([source, source]), torch.cat([target, fake.detach()]), passes=2))
-        d_loss, d_real, d_fake = discriminator_loss(real_logits, fake_logits, config.gan_loss,
-                                                    **layout)
+        d_loss, d_real, d_fake = discriminator_loss([j.logits for j in real_judged],
+                                                    [j.logits for j in fake_judged],
+                                                    config.gan_loss, **layout)
     scaler.scale(d_loss).backward()
     scaler.step(discriminator_optimizer)
     discriminator_optimizer.zero_grad(set_to_none=True)  # freed now, not kept for a step
@@ -128,16 +129,15 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     # The generator, through the frozen discriminator; with feature matching also towards D's
     # features of the real pair (the logged adversarial loss leaves that term out).
     nets.discriminator.requires_grad_(False)
-    matching = {"return_features": True} if config.feature_matching else {}
     with runtime.autocast():
-        fake_logits, fake_features = per_scale(nets.discriminator_frozen(source, fake, **matching))
-        g_loss, g_adv, g_l1 = generator_loss(fake_logits, fake, target, config.lambda_l1,
-                                             config.gan_loss, **layout)
-        if matching:
+        fake_judged = nets.discriminator_frozen(source, fake)
+        g_loss, g_adv, g_l1 = generator_loss([j.logits for j in fake_judged], fake, target,
+                                             config.lambda_l1, config.gan_loss, **layout)
+        if config.feature_matching:
             with torch.no_grad():
-                _, real_features = per_scale(nets.discriminator_frozen(source, target, **matching))
-            g_loss = g_loss + config.feature_matching * feature_matching_loss(real_features,
-                                                                              fake_features)
+                real_judged = nets.discriminator_frozen(source, target)
+            g_loss = g_loss + config.feature_matching * feature_matching_loss(
+                [j.features for j in real_judged], [j.features for j in fake_judged])
     scaler.scale(g_loss).backward()  # with step_in_backward: G is updated here
     if not generator_in_backward:
         scaler.step(generator_optimizer)

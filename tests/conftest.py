@@ -16,6 +16,7 @@ from PIL import Image
 from cityscapes import COLORS
 from config import TrainConfig
 from demo.data import real_profile_pair, save_real_profile_jpeg, write_demo_dataset
+from models import ModelConfig
 from utils import run_cli
 
 # The real CamVid pairs (../shared/camvid, or $PIX2PIX_CAMVID); tests that read them skip
@@ -32,6 +33,17 @@ TINY_MODEL = {"image_size": 32, "generator_channels": 8, "discriminator_channels
 # strict fp32 maths whatever the CPU (`auto` has its own tests).
 TINY_TRAINING = {**TINY_MODEL, "batch_size": 2, "num_workers": 0, "log_every_steps": 1,
                  "sample_every_steps": 0, "checkpoint_every_steps": 0, "precision": "fp32"}
+
+
+def tiny_model(**overrides):
+    """The ModelConfig of TINY_MODEL with `overrides` (any ModelConfig field)."""
+    return ModelConfig(**{**TINY_MODEL, **overrides})
+
+
+def patch_logits(discriminator, label, photo):
+    """The logit grid of a single-scale discriminator (it returns one Judgement)."""
+    [judgement] = discriminator(label, photo)
+    return judgement.logits
 
 
 def as_flags(options):
@@ -252,13 +264,17 @@ def demo_set(tmp_path_factory):
     return root
 
 
+def run_outputs(folder):
+    """The output options of a run that writes everything under `folder`."""
+    folder = Path(folder)
+    return {"checkpoint_dir": str(folder / "checkpoints"), "log_file": str(folder / "log.json"),
+            "sample_dir": str(folder / "samples")}
+
+
 def tiny_config(folder, data_dir, **overrides):
     """A TrainConfig for a tiny model whose outputs all go under `folder`."""
-    folder = Path(folder)
-    return TrainConfig(**{**TINY_TRAINING, "data_dir": str(data_dir),
-                          "checkpoint_dir": str(folder / "checkpoints"),
-                          "log_file": str(folder / "log.json"),
-                          "sample_dir": str(folder / "samples"), **overrides})
+    return TrainConfig(**{**TINY_TRAINING, "data_dir": str(data_dir), **run_outputs(folder),
+                          **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import loaders
 import train
 from checkpoints import load_checkpoint
 
-from conftest import as_flags, output_flags, tiny_config
+from conftest import as_flags, output_flags, run_outputs, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -88,9 +88,9 @@ def test_inference_on_cuda_in_each_precision(tmp_path, tiny_checkpoint):
 
 @needs_two
 def test_two_process_nccl_ddp(tmp_path, demo_set):
-    from test_distributed import TINY, assert_identical, outputs, torchrun
+    from test_distributed import TINY, assert_identical, torchrun
     flags = as_flags(dict(TINY, data_dir=str(demo_set), batch_size=2, epochs=2, image_size=64,
-                          device="cuda", **outputs(tmp_path / "ddp")))
+                          device="cuda", **run_outputs(tmp_path / "ddp")))
     launch = torchrun(tmp_path / "ddp", flags)
     assert launch.returncode == 0, launch.output[-5000:]
     assert_identical(launch.ranks[0], launch.ranks[1])

@@ -330,7 +330,7 @@ def test_check_command(make_dataset):
 def test_augmentation_seeds_only_its_own_cpu_generator(make_dataset, monkeypatch):
     """Seeding a sample's crop and flip must leave the CUDA generators (dropout masks on a GPU)
     alone: torch.manual_seed would reseed them and not restore them."""
-    calls = []
+    calls = []  # a spy: a CPU-only machine has no CUDA generator to look at
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
     dataset = PairDataset(make_dataset() / "train", image_size=32, load_size=36, seed=3)

@@ -11,12 +11,10 @@ import losses
 import train
 from checkpoints import load_checkpoint
 from config import PRESETS, TrainConfig, apply_preset
-from conftest import output_flags, tiny_config
+from conftest import output_flags, patch_logits, tiny_config, tiny_model
 from models import (ModelConfig, MultiScaleDiscriminator, PatchDiscriminator,
-                    build_discriminator, count_parameters, per_scale)
+                    build_discriminator, count_parameters)
 from utils import UserError
-
-SMALL = {"generator_channels": 8, "discriminator_channels": 8, "image_size": 64}
 
 
 def test_features_are_each_leaky_relus_output_and_leave_the_logits_unchanged():
@@ -24,8 +22,8 @@ def test_features_are_each_leaky_relus_output_and_leave_the_logits_unchanged():
     discriminator = PatchDiscriminator(base_channels=8, num_layers=3).eval()
     label, photo = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        logits, features = discriminator(label, photo, return_features=True)
-        assert torch.equal(logits, discriminator(label, photo))
+        [(logits, features)] = discriminator(label, photo)
+        assert torch.equal(logits, discriminator.layers(torch.cat([label, photo], dim=1)))
     # conv1..conv4 each followed by a LeakyReLU: 32, 16, 8 (stride 2), then 7 (stride 1).
     assert [tuple(f.shape[1:]) for f in features] == [(8, 32, 32), (16, 16, 16), (32, 8, 8),
                                                       (64, 7, 7)]
@@ -54,20 +52,19 @@ def test_feature_matching_sends_no_gradient_into_the_real_features():
 
 def test_feature_matching_through_a_stub_discriminator_is_zero_when_real_equals_fake():
     torch.manual_seed(0)
-    discriminator = build_discriminator(ModelConfig(**SMALL, discriminator_scales=2))
+    discriminator = build_discriminator(tiny_model(image_size=64, discriminator_scales=2))
     label, photo = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
-    _, real = per_scale(discriminator(label, photo, return_features=True))
-    _, same = per_scale(discriminator(label, photo.clone(), return_features=True))
-    _, other = per_scale(discriminator(label, -photo, return_features=True))
-    assert losses.feature_matching_loss(real, same).item() == pytest.approx(0.0, abs=1e-6)
-    assert losses.feature_matching_loss(real, other).item() > 0.01
+    real, same, other = ([j.features for j in discriminator(label, p)]
+                         for p in (photo, photo.clone(), -photo))
+    assert train.feature_matching_loss(real, same).item() == pytest.approx(0.0, abs=1e-6)
+    assert train.feature_matching_loss(real, other).item() > 0.01
 
 
 def test_the_multi_scale_discriminator_judges_the_pooled_pair_at_half_resolution():
     torch.manual_seed(0)
-    single = build_discriminator(ModelConfig(**SMALL))
+    single = build_discriminator(tiny_model(image_size=64))
     torch.manual_seed(0)
-    multi = build_discriminator(ModelConfig(**SMALL, discriminator_scales=2))
+    multi = build_discriminator(tiny_model(image_size=64, discriminator_scales=2))
     assert isinstance(single, PatchDiscriminator) and isinstance(multi, MultiScaleDiscriminator)
     assert count_parameters(multi) == 2 * count_parameters(single)
     assert {k.split(".", 1)[0] for k in multi.state_dict()} == {"scale1", "scale2"}
@@ -75,11 +72,12 @@ def test_the_multi_scale_discriminator_judges_the_pooled_pair_at_half_resolution
     label, photo = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
     single.eval(), multi.eval()
     with torch.no_grad():
-        full, half = multi(label, photo)
+        full, half = (judgement.logits for judgement in multi(label, photo))
         assert full.shape == (2, 1, 6, 6) and half.shape == (2, 1, 2, 2)
-        assert torch.equal(full, single(label, photo))  # the first scale: the same weights
+        # The first scale: the same weights.
+        assert torch.equal(full, patch_logits(single, label, photo))
         pooled = nn.functional.avg_pool2d
-        assert torch.equal(half, multi.scale2(pooled(label, 2), pooled(photo, 2)))
+        assert torch.equal(half, patch_logits(multi.scale2, pooled(label, 2), pooled(photo, 2)))
 
 
 def test_gan_loss_of_a_multi_scale_discriminator_is_the_mean_over_scales():

@@ -29,7 +29,7 @@ from loaders import EpochSampler
 from models import build_discriminator, build_generator
 from utils import UserError
 
-from conftest import TINY_TRAINING, as_flags
+from conftest import TINY_TRAINING, as_flags, run_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "ddp_worker.py"
@@ -43,12 +43,6 @@ TINY = {**{k: v for k, v in TINY_TRAINING.items() if k != "batch_size"},
 # same gradients whether it is split over processes or not.
 DETERMINISTIC = dict(norm="instance", dropout=False, crop=False, flip=False)
 LAUNCH_SECONDS = 120
-
-
-def outputs(folder):
-    folder = Path(folder)
-    return dict(checkpoint_dir=str(folder / "checkpoints"), log_file=str(folder / "log.json"),
-                sample_dir=str(folder / "samples"))
 
 
 @dataclass
@@ -179,10 +173,10 @@ def test_sync_batchnorm_is_refused_on_the_cpu(monkeypatch):
 def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(tmp_path, demo_set):
     options = dict(TINY, **DETERMINISTIC, data_dir=str(demo_set), epochs=2, lr=2e-3)
     launch = torchrun(tmp_path / "ddp", as_flags(
-        dict(options, batch_size=2, **outputs(tmp_path / "ddp"))))
+        dict(options, batch_size=2, **run_outputs(tmp_path / "ddp"))))
     assert_succeeded(launch)
     ranks = launch.ranks
-    single = TrainConfig(**options, batch_size=4, **outputs(tmp_path / "single"))
+    single = TrainConfig(**options, batch_size=4, **run_outputs(tmp_path / "single"))
     summary = train.train(single)
 
     # The processes hold the same weights, and those of one process with twice the batch.
@@ -220,7 +214,7 @@ def test_checkpoints_move_between_one_and_two_processes(tmp_path, demo_set):
     """Batch norm, dropout and augmentation on: the processes still agree on every parameter.
     At 64x64 the U-Net has a dropout layer (at 32x32 none)."""
     options = dict(TINY, data_dir=str(demo_set), batch_size=2, image_size=64)
-    first = TrainConfig(**options, epochs=1, **outputs(tmp_path / "one"))
+    first = TrainConfig(**options, epochs=1, **run_outputs(tmp_path / "one"))
     assert train.train(first)["step"] == 4
     single_latest = Path(first.checkpoint_dir) / "latest.pth"
 
@@ -231,7 +225,7 @@ def test_checkpoints_move_between_one_and_two_processes(tmp_path, demo_set):
     (two / "checkpoints").mkdir()  # the run moves here: a resume writes where its flags say
     shutil.copy(single_latest, two / "checkpoints" / "latest.pth")
     launch = torchrun(two, ["--resume", str(two / "checkpoints" / "latest.pth"), "--epochs", "3",
-                            *as_flags(outputs(two))])
+                            *as_flags(run_outputs(two))])
     assert_succeeded(launch)
     ranks = launch.ranks
     checkpoint = load_checkpoint(single_latest)
@@ -250,14 +244,14 @@ def test_checkpoints_move_between_one_and_two_processes(tmp_path, demo_set):
         assert torch.equal(value, ranks[0]["generator"][key]), key
     assert saved_config["norm"] == "batch"
     summary = train.main(["--resume", str(two_latest), "--epochs", "4",
-                          *as_flags(outputs(tmp_path / "back"))])
+                          *as_flags(run_outputs(tmp_path / "back"))])
     assert summary["step"] == 8 + 4 and summary["epoch"] == 4
     assert load_checkpoint(tmp_path / "back" / "checkpoints" / "latest.pth")["step"] == 12
 
 
 def test_a_failing_process_ends_the_run_with_its_message(tmp_path, demo_set):
     out = tmp_path / "fail"
-    flags = as_flags(dict(TINY, data_dir=str(demo_set), batch_size=2, epochs=5, **outputs(out)))
+    flags = as_flags(dict(TINY, data_dir=str(demo_set), batch_size=2, epochs=5, **run_outputs(out)))
     launch = torchrun(out, flags, env={"DDP_TEST_FAIL_RANK": "1", "DDP_TEST_FAIL_STEP": "3"})
     assert launch.returncode != 0
     assert "injected failure on rank 1 at step 3" in launch.output, launch.output[-5000:]
@@ -270,7 +264,7 @@ def test_a_failing_process_ends_the_run_with_its_message(tmp_path, demo_set):
 def test_ctrl_c_stops_both_processes_at_the_same_step_and_saves(tmp_path, demo_set):
     out = tmp_path / "stop"
     flags = as_flags(dict(TINY, data_dir=str(demo_set), batch_size=2, epochs=1000,
-                          **outputs(out)))
+                          **run_outputs(out)))
     launch = torchrun(out, flags, interrupt_once=out / "log.json")  # after the first step
     # torchrun itself exits non-zero on a signal; its processes end their step, save, return.
     assert len(launch.ranks) == 2, launch.output[-5000:]

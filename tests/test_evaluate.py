@@ -9,8 +9,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import (TINY_MODEL, assert_clean_failure, draw_label_map, draw_photo, run_scripts,
-                      save_image)
+from conftest import (assert_clean_failure, draw_label_map, draw_photo, run_scripts, save_image,
+                      tiny_model)
 from PIL import Image
 
 import cityscapes
@@ -118,10 +118,10 @@ def test_fid_and_kid_with_saved_real_statistics(make_dataset, tiny_checkpoint, t
 
 @needs_inception
 def test_fid_of_generator_for_the_training_loop(make_dataset):
-    from models import ModelConfig, build_generator
+    from models import build_generator
     data = make_dataset(splits=(("val", 4),), size=32)
     dataset = PairDataset(data / "val", image_size=32, train=False)
-    generator = build_generator(ModelConfig(**TINY_MODEL)).train()
+    generator = build_generator(tiny_model()).train()
     cache = {}
     first = metrics.fid_of_generator(generator, dataset, "cpu", batch_size=3, cache=cache)
     assert generator.training  # its mode is restored

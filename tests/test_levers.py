@@ -13,7 +13,7 @@ import train
 from checkpoints import load_checkpoint
 from cityscapes import PALETTE
 from config import PRESETS, TrainConfig, apply_preset
-from conftest import TINY_MODEL, output_flags, tiny_config
+from conftest import output_flags, tiny_config, tiny_model
 from ema import GeneratorEMA
 from inference import load_generator
 from models import (ModelConfig, ResizeConv2d, build_discriminator, build_generator,
@@ -53,7 +53,7 @@ def test_checkpoints_without_the_new_keys_get_the_paper_networks():
 
 def test_resize_upsampling_has_no_transposed_convolution():
     torch.manual_seed(0)
-    generator = build_generator(ModelConfig(**TINY_MODEL, upsample="resize"))
+    generator = build_generator(tiny_model(upsample="resize"))
     assert not any(isinstance(m, nn.ConvTranspose2d) for m in generator.modules())
     resize_convs = [m for m in generator.modules() if isinstance(m, ResizeConv2d)]
     assert len(resize_convs) == generator.depth  # each holds a 3x3 kernel, whatever it runs
@@ -66,7 +66,7 @@ def test_resize_upsampling_has_no_transposed_convolution():
 
 def test_spectral_norm_bounds_every_discriminator_layer():
     torch.manual_seed(0)
-    discriminator = build_discriminator(ModelConfig(**TINY_MODEL, spectral_norm=True))
+    discriminator = build_discriminator(tiny_model(spectral_norm=True))
     convs = [m for m in discriminator.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(hasattr(m, "parametrizations") for m in convs)
     label, photo = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)

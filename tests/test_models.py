@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import patch_logits, tiny_model
 from models import (ModelConfig, PatchDiscriminator, ResizeConv2d, UNetGenerator,
                     build_discriminator, build_generator, count_parameters, split_passes)
 from utils import declared
 
-SMALL = {"generator_channels": 8, "discriminator_channels": 8}
 PAPER = declared(ModelConfig, "paper")  # the paper's networks (the defaults differ since)
 
 
@@ -26,7 +26,7 @@ def paper_discriminator():
 
 def small_generator(**options):
     torch.manual_seed(0)
-    return build_generator(ModelConfig(**{**SMALL, **options}))
+    return build_generator(tiny_model(**options))
 
 
 # --- Sizes and shapes -----------------------------------------------------------------------
@@ -41,7 +41,7 @@ def test_discriminator_gives_30x30_logits_at_256(paper_discriminator):
     paper_discriminator.eval()
     label, photo = torch.randn(2, 3, 256, 256), torch.randn(2, 3, 256, 256)
     with torch.no_grad():
-        assert paper_discriminator(label, photo).shape == (2, 1, 30, 30)
+        assert patch_logits(paper_discriminator, label, photo).shape == (2, 1, 30, 30)
 
 
 @pytest.mark.parametrize("image_size, depth", [(256, 8), (128, 7), (32, 5)])
@@ -80,7 +80,7 @@ def logit_support(discriminator, size, row, col):
     discriminator.eval()
     label = torch.randn(1, 3, size, size, requires_grad=True)
     photo = torch.randn(1, 3, size, size, requires_grad=True)
-    discriminator(label, photo)[0, 0, row, col].backward()
+    patch_logits(discriminator, label, photo)[0, 0, row, col].backward()
     reach = (label.grad.abs().sum(1) + photo.grad.abs().sum(1))[0] > 0
     rows, cols = reach.any(1).nonzero().flatten(), reach.any(0).nonzero().flatten()
     top, left = rows.min().item(), cols.min().item()
@@ -93,8 +93,8 @@ def test_patch_receptive_field(num_layers, patch):
     discriminator = PatchDiscriminator(base_channels=8, num_layers=num_layers)
     size = 128
     with torch.no_grad():
-        grid = discriminator.eval()(torch.zeros(1, 3, size, size),
-                                    torch.zeros(1, 3, size, size)).shape[-1]
+        grid = patch_logits(discriminator.eval(), torch.zeros(1, 3, size, size),
+                            torch.zeros(1, 3, size, size)).shape[-1]
     top, left, height, width = logit_support(discriminator, size, grid // 2, grid // 2)
     # Away from the borders the patch is complete: exactly the documented size, no more.
     assert 0 < top and top + height < size and 0 < left and left + width < size
@@ -108,8 +108,8 @@ def test_one_pixel_change_reaches_only_nearby_logits():
     changed_photo = photo.clone()
     changed_photo[0, :, 80, 80] += 5.0
     with torch.no_grad():
-        before = discriminator(label, photo)[0, 0]
-        after = discriminator(label, changed_photo)[0, 0]
+        before = patch_logits(discriminator, label, photo)[0, 0]
+        after = patch_logits(discriminator, label, changed_photo)[0, 0]
     rows, cols = ((after - before).abs() > 0).nonzero(as_tuple=True)
     assert len(rows) > 0
     # Logits are 8 px apart and each sees 70 px, so at most ceil(70 / 8) = 9 per axis.
@@ -119,13 +119,13 @@ def test_one_pixel_change_reaches_only_nearby_logits():
 
 def test_pixelgan_gives_one_logit_per_pixel():
     torch.manual_seed(0)
-    discriminator = build_discriminator(ModelConfig(**SMALL, discriminator_layers=0)).eval()
+    discriminator = build_discriminator(tiny_model(discriminator_layers=0)).eval()
     with torch.no_grad():
-        assert discriminator(torch.randn(2, 3, 20, 24), torch.randn(2, 3, 20, 24)).shape == \
-            (2, 1, 20, 24)
+        assert patch_logits(discriminator, torch.randn(2, 3, 20, 24),
+                            torch.randn(2, 3, 20, 24)).shape == (2, 1, 20, 24)
     # The reference's 1x1 convs: 6->8 (bias), 8->16 and 16->1 (bias only with instance norm).
     assert count_parameters(discriminator) == (6 * 8 + 8) + 8 * 16 + 2 * 16 + 16
-    instance = build_discriminator(ModelConfig(**SMALL, discriminator_layers=0, norm="instance"))
+    instance = build_discriminator(tiny_model(discriminator_layers=0, norm="instance"))
     assert count_parameters(instance) == (6 * 8 + 8) + (8 * 16 + 16) + (16 + 1)
 
 
@@ -149,12 +149,12 @@ def test_dropout_placement_at_other_depths():
 
 
 def test_no_dropout_when_turned_off():
-    generator = small_generator(dropout=False)
+    generator = small_generator(image_size=256, dropout=False)
     assert not any(isinstance(m, nn.Dropout) for m in generator.modules())
 
 
 def test_output_is_tanh_bounded():
-    generator = small_generator(image_size=32)
+    generator = small_generator()
     assert isinstance(list(generator.decoder["up1"].children())[-1], nn.Tanh)
     with torch.no_grad():
         out = generator.train()(100 * torch.randn(3, 3, 32, 32))
@@ -188,8 +188,8 @@ def test_biases_with_batch_norm(paper_generator, paper_discriminator):
 
 
 def test_instance_norm_variant():
-    generator = small_generator(image_size=32, norm="instance")
-    discriminator = build_discriminator(ModelConfig(**SMALL, image_size=32, norm="instance"))
+    generator = small_generator(norm="instance")
+    discriminator = build_discriminator(tiny_model(norm="instance"))
     for module in (generator, discriminator):
         assert not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
         norms = [m for m in module.modules() if isinstance(m, nn.InstanceNorm2d)]
@@ -229,7 +229,7 @@ def test_readable_state_dict_keys(paper_generator, paper_discriminator):
 
 
 def test_each_up_block_receives_its_down_blocks_output():
-    generator = small_generator(image_size=32).eval()
+    generator = small_generator().eval()
     seen_down, seen_up = {}, {}
     for k in range(1, generator.depth + 1):
         generator.encoder[f"down{k}"].register_forward_hook(
@@ -246,7 +246,7 @@ def test_each_up_block_receives_its_down_blocks_output():
 
 
 def test_output_depends_on_the_skip_connection():
-    generator = small_generator(image_size=32).eval()
+    generator = small_generator().eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         normal = generator(x)
@@ -294,8 +294,7 @@ def test_folded_generator_gives_the_plain_generators_photos_and_gradients():
     """A whole default generator, trained-looking weights (random batch-norm statistics too),
     in eval and train mode at a non-square size: folded equals plain to fp32 rounding."""
     torch.manual_seed(0)
-    generator = build_generator(ModelConfig(**SMALL, image_size=32, upsample="resize",
-                                            dropout=False))
+    generator = build_generator(tiny_model(upsample="resize", dropout=False))
     with torch.no_grad():
         for m in generator.modules():
             if isinstance(m, nn.Conv2d):  # activations of order 1: no saturated tanh
@@ -329,7 +328,7 @@ def test_folded_generator_gives_the_plain_generators_photos_and_gradients():
 def test_resize_generator_keeps_its_checkpoint_format():
     """State-dict keys and shapes as before the folded computation: old checkpoints load, and
     the parameters are still the 3x3 kernels."""
-    generator = small_generator(upsample="resize")
+    generator = small_generator(image_size=256, upsample="resize")
     shapes = {k: tuple(v.shape) for k, v in generator.state_dict().items()}
     assert shapes["decoder.up1.conv.conv.weight"] == (3, 16, 3, 3)
     assert shapes["decoder.up8.conv.conv.weight"] == (64, 64, 3, 3)
@@ -378,23 +377,22 @@ def test_stacked_passes_give_the_logits_of_separate_passes(scales, norm):
     running statistics) it gets alone: batch statistics are taken per pass."""
     import copy
     torch.manual_seed(0)
-    separate = build_discriminator(ModelConfig(**SMALL, image_size=64, norm=norm,
-                                               discriminator_scales=scales))
+    separate = build_discriminator(tiny_model(image_size=64, norm=norm,
+                                              discriminator_scales=scales))
     stacked = copy.deepcopy(separate)
     label, real = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
     fake = real + 0.5 * torch.randn(3, 3, 64, 64)  # other statistics than the real batch
     expected = [separate(label, real), separate(label, fake)]
     got = split_passes(stacked(torch.cat([label, label]), torch.cat([real, fake]), passes=2))
     for want, have in zip(expected, got):
-        for a, b in zip(want if scales > 1 else [want], have if scales > 1 else [have]):
-            assert torch.allclose(a, b, atol=1e-5)
+        for a, b in zip(want, have):  # one judgement per scale
+            assert torch.allclose(a.logits, b.logits, atol=1e-5)
     stacked_state = stacked.state_dict()
     for key, value in separate.state_dict().items():  # running statistics updated alike
         assert torch.allclose(value.float(), stacked_state[key].float(), atol=1e-6), key
     if norm == "batch":  # the control: joint statistics of the six pairs give other logits
         mixed = split_passes(stacked(torch.cat([label, label]), torch.cat([real, fake])))
-        first = (lambda out: out[0]) if scales > 1 else (lambda out: out)
-        assert not torch.allclose(first(mixed[0]), first(got[0]), atol=1e-3)
+        assert not torch.allclose(mixed[0][0].logits, got[0][0].logits, atol=1e-3)
 
 
 def test_kept_folded_kernel_follows_weight_changes():

@@ -9,7 +9,7 @@ import torch
 
 from benchmark import quality
 from benchmark import segmenter as seg
-from conftest import CAMVID
+from conftest import CAMVID, tiny_model
 from dataset import PairDataset
 
 
@@ -146,12 +146,12 @@ def test_the_judge_probes_score_the_real_photos_blurred_and_checkerboarded():
 
 
 def test_precise_batch_norm_recomputes_the_statistics_of_the_weights_scored():
-    from models import ModelConfig, build_generator
+    from models import build_generator
     torch.manual_seed(0)
-    generator = build_generator(ModelConfig(image_size=16, generator_channels=4)).eval()
+    generator = build_generator(tiny_model()).eval()
     norm = generator.decoder["up2"].norm
     norm.running_mean.fill_(5.0)  # statistics of other weights, as the EMA's copied ones
-    labels = torch.rand(32, 3, 16, 16) * 2 - 1
+    labels = torch.rand(32, 3, 32, 32) * 2 - 1
     fixed = quality.precise_batch_norm(generator, labels, batch_size=8)
     assert norm.running_mean.eq(5.0).all()  # the scored copy changes, not the original
     fixed_norm = fixed.decoder["up2"].norm
