@@ -531,7 +531,7 @@ def parse(argv=None):
 def require_checkpoint(model_path):
     if not Path(model_path).exists():
         raise UserError(f"{model_path}: checkpoint not found; train one with "
-                        "`python train.py --demo` (about 6 min on 2 CPU cores) or pass "
+                        "`python train.py --demo` (6-10 min on 2 CPU cores) or pass "
                         "--model_path")
 
 

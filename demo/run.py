@@ -1,7 +1,7 @@
 """`python train.py --demo`: make the synthetic street-scene set, then (after train.py has
 trained on it) compare the result with what a per-class colour lookup table achieves.
 
-Today's default networks (widths unchanged, U-Net depth 7 for 128x128): about 6 minutes on 2
+Today's default networks (widths unchanged, U-Net depth 7 for 128x128): 6-10 minutes on 2
 CPU cores (5 min 48 s measured in fp32, 2026-12-02). Every default below can be overridden with
 the usual train.py flags. The direction is one way: train.py calls `demo_config` and
 `report`; nothing here imports train.py.
