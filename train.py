@@ -392,7 +392,8 @@ def parse(argv=None):
                         help="start a new run where another run's checkpoints, log or sample "
                              "grids are, removing them (without it, such a start is refused)")
     parser.add_argument("--demo", action="store_true", default=False,
-                        help="make the synthetic demo set and train on it (6-10 min on 2 CPU cores)")
+                        help="make the synthetic demo set and train on it "
+                             "(6-10 min on 2 CPU cores)")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")  # a latest.pth, or a run folder (runs/NAME) holding one
     flags = (resume and run_file(resume, "latest.pth"), args.pop("overwrite"), args.pop("demo"))

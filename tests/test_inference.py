@@ -190,9 +190,10 @@ def test_every_script_reads_the_direction_alike(tmp_path, tiny_checkpoint, make_
     translate_cli(["--input_dir", inputs, "--output_dir", tmp_path / "out",
                    "--model_path", checkpoint])
     assert size_of(tmp_path / "out" / "0.png") == (40, 30)
-    with pytest.raises(UserError, match=f"{re.escape(str(checkpoint))}: .*the page needs a label2photo"):
+    named = re.escape(str(checkpoint))
+    with pytest.raises(UserError, match=f"{named}: .*the page needs a label2photo"):
         app.load_service(checkpoint, torch.device("cpu"), "fp32")
     data = make_dataset(splits=(("val", 1),), size=32)
-    with pytest.raises(UserError, match=f"{re.escape(str(checkpoint))}: .*evaluate.py needs a label2photo"):
+    with pytest.raises(UserError, match=f"{named}: .*evaluate.py needs a label2photo"):
         evaluate.main(["--model_path", str(checkpoint), "--data_dir", str(data / "val"),
                        "--no_fid", "--device", "cpu"])
