@@ -13,7 +13,8 @@ A checkpoint is a plain dict; it loads with torch.load(weights_only=True):
 
 Old formats: the learning rate is a function of the epoch (train.lr_factor), so no scheduler
 state is kept; older checkpoints' scheduler entries are ignored. A configuration saved before
-a flag existed gets the flag's old value (config.LEGACY_DEFAULTS). A version newer than
+a flag existed gets the flag's old value (config.LEGACY_DEFAULTS); one that used a removed
+setting is refused in one line where the use needs it (config.REMOVED). A version newer than
 CHECKPOINT_VERSION is refused.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from config import TrainConfig, check_model_values
+from config import TrainConfig, check_model_values, refuse_removed
 from config import saved as saved_config
 from utils import UserError, atomic_write, one_line
 
@@ -286,6 +287,7 @@ def load_resume_state(path):
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint.get("config"), dict):
         raise UserError(f"{path}: the checkpoint's configuration is missing or unreadable")
+    refuse_removed(path, checkpoint["config"], resume=True)
     saved_config(path, TrainConfig.from_dict, checkpoint["config"])  # data: checked first
     saved_config(path, check_model_values, checkpoint["config"].get("model", {}))
     if "discriminator" not in checkpoint:

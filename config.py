@@ -62,25 +62,16 @@ class TrainConfig:
     norm: str = model_option("norm")
     dropout: bool = model_option("dropout")
     upsample: str = model_option("upsample")
-    spectral_norm: bool = model_option("spectral_norm")
-    discriminator_scales: int = model_option("discriminator_scales")
-    label_input: str = model_option("label_input")
     # Optimisation.
     epochs: int = option(50, "epochs in total", minimum=1, resumable=True)
     decay_epochs: int = option(0, "of --epochs, how many decay the LR linearly to 0", minimum=0,
                                resumable=True)
     batch_size: int = option(4, "images per step (per process under torchrun)", minimum=1)
-    lr: float = option(2e-4, "Adam learning rate (the generator's; D's too unless --lr_d)",
-                       minimum=0, paper=2e-4)
-    lr_d: float = option(0.0, "the discriminator's Adam learning rate (0: --lr)", minimum=0,
-                         paper=0.0, legacy=0.0)
+    lr: float = option(2e-4, "Adam learning rate of both networks", minimum=0, paper=2e-4)
     beta1: float = option(0.5, "Adam beta1", minimum=0, paper=0.5)
     beta2: float = option(0.999, "Adam beta2", minimum=0, paper=0.999)
     lambda_l1: float = option(100.0, "weight of the L1 term in the generator loss", minimum=0,
                               paper=100.0)
-    feature_matching: float = option(0.0, "weight of pix2pixHD's feature matching: L1 between "
-                                     "D's features of real and generated pairs (0: off; "
-                                     "pix2pixHD: 10)", minimum=0, paper=0.0, legacy=0.0)
     gan_loss: str = option("hinge", "adversarial loss: BCE on logits (paper), least squares, "
                            "hinge, or oasis: D segments the photo alone into 'fake' and the 19 "
                            "Cityscapes classes, class-balanced (Schoenfeld et al. 2021)",
@@ -152,9 +143,6 @@ class TrainConfig:
             raise UserError("--beta1 and --beta2 must be < 1")
         if self.decay_epochs > self.epochs:
             raise UserError(f"--decay_epochs {self.decay_epochs} exceeds --epochs {self.epochs}")
-        if self.label_input == "onehot" and self.direction != "label2photo":
-            raise UserError("--label_input onehot reads label maps: it needs --direction "
-                            "label2photo")
         if self.gan_loss == "oasis" and self.direction != "label2photo":
             raise UserError("--gan_loss oasis segments by the label maps' Cityscapes colours: "
                             "it needs --direction label2photo")
@@ -190,10 +178,6 @@ class TrainConfig:
         return ModelConfig(**shared, discriminator_classes=NUM_TRAIN_IDS
                            if self.gan_loss == "oasis" else 0)
 
-    @property
-    def discriminator_lr(self):
-        return self.lr_d or self.lr
-
     def loader_workers(self):
         if self.num_workers >= 0:
             return self.num_workers
@@ -227,19 +211,19 @@ MAX_PARAMETERS = 10**9
 def parameter_bound(model):
     """An upper bound of the parameters of the generator and the discriminator of `model`
     (ModelConfig), from its widths alone: each convolution counted at 4x4 (the resize
-    upsampling's 3x3 on the same channels is smaller), one-hot inputs as 64 channels."""
-    inputs = model.in_channels + 64
+    upsampling's 3x3 on the same channels is smaller)."""
+    inputs = model.in_channels
     widths = [model.generator_channels * min(2 ** k, 8) for k in range(model.depth)]
     total = 0
     for k, width in enumerate(widths):
         below = widths[k - 1] if k else max(inputs, model.out_channels)
         total += 16 * below * width + 16 * 2 * width * below + 8 * width  # down, up, norms
     width = model.discriminator_channels
-    per_scale = 16 * (inputs + model.out_channels) * width
+    total += 16 * (inputs + model.out_channels) * width
     for k in range(1, model.discriminator_layers + 2):
         previous, width = width, model.discriminator_channels * min(2 ** k, 8)
-        per_scale += 16 * previous * width + 8 * width
-    return total + model.discriminator_scales * (per_scale + 16 * width)
+        total += 16 * previous * width + 8 * width
+    return total + 16 * width
 
 
 def check_size(model):
@@ -299,6 +283,31 @@ PRESETS = {"default": {}, "paper": declared(TrainConfig, "paper")}
 
 # Settings added after checkpoints were first written, as those runs had them.
 LEGACY_DEFAULTS = declared(TrainConfig, "legacy")
+
+# Settings removed after the real-photo measurement (docs/quality.md: none beat the defaults),
+# each with the value every run without it had and whether it shaped the generator. A saved
+# configuration at those values loads as usual (the key is ignored); another value needs the
+# version that wrote it, except for using a generator whose discriminator alone it changed.
+REMOVED = {"label_input": ("rgb", True), "feature_matching": (0.0, False),
+           "discriminator_scales": (1, False), "spectral_norm": (False, False),
+           "lr_d": (0.0, False)}
+
+
+def refuse_removed(path, config, resume):
+    """A one-line UserError if the saved configuration `config` (a dict) ran with a removed
+    setting this use needs: any of them to `resume` the run, else those of the generator."""
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    for name, (default, shapes_generator) in REMOVED.items():
+        if not (resume or shapes_generator):
+            continue
+        for value in (config.get(name, default), model.get(name, default)):
+            if isinstance(value, (bool, int, float, str)) and value == default:
+                continue
+            flag = f"--{name}" if value is True else f"--{name} {value}"
+            then = ("resume it with the version that wrote it (git log) or start a new run"
+                    if resume else "use it with the version that wrote it (git log)")
+            raise UserError(f"{path}: trained with {flag}, which this version removed "
+                            f"(docs/quality.md); {then}")
 
 
 def apply_preset(given):

@@ -7,7 +7,7 @@ The format follows the extension of --output:
                 float32 RGB in [-1, 1], output "photo" (B, 3, H, W) in [-1, 1]; B, H and W
                 dynamic, H and W multiples of 2^depth (256 for a 256-pixel model). The graph
                 is the generator in evaluation mode (batch norm's running statistics, no
-                dropout), with the palette one-hot layer inside where the run used it.
+                dropout).
   .safetensors  the generator's weights, with the run's configuration as JSON in the metadata:
                 a checkpoint that loads without pickle (inference.py and app.py read it).
   .pt2          a torch.export program (dynamic B, H and W, evaluation mode) for AOTInductor

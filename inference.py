@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import devices
 from checkpoints import load_checkpoint, load_state, run_file
-from config import check_model_values
+from config import check_model_values, refuse_removed
 from config import saved as saved_config
 from dataset import LABEL_SIDES, PAIR_NAME, read_rgb, scan_folder
 from exported import load_onnx, read_safetensors
@@ -63,6 +63,7 @@ def load_generator(path, device="cpu"):
         state_dict, config = checkpoint.get("generator"), checkpoint.get("config")
     if not isinstance(config, dict) or "model" not in config:
         raise UserError(f"{path}: the checkpoint's configuration is missing or unreadable")
+    refuse_removed(path, config, resume=False)
     # Data, not trusted: checked as the command line's values are, before anything is built.
     model_config = saved_config(path, check_model_values, config["model"])
     if not isinstance(state_dict, dict):

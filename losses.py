@@ -1,6 +1,6 @@
 """pix2pix's objectives, as pure functions of tensors: the adversarial losses (bce, lsgan,
-hinge, OASIS's per-class one), D's and G's totals (G adds lambda * L1), and pix2pixHD's feature
-matching. train.py's GAN step calls them.
+hinge, OASIS's per-class one) and D's and G's totals (G adds lambda * L1). train.py's GAN step
+calls them.
 """
 
 import torch
@@ -14,11 +14,7 @@ def gan_loss(logits, is_real, kind="bce", for_generator=False, classes=None):
 
     Hinge (Lim & Ye 2017, as in SAGAN/SPADE): D pushes real logits above 1 and fake below -1;
     G (`for_generator`) raises the fake logits without a margin. OASIS: `classes` (from
-    layout_classes) are the targets of "real", class 0 of "fake" (oasis_loss). A list (one grid
-    per scale of a multi-scale D) gives the mean of the scales' losses."""
-    if isinstance(logits, list):
-        return sum(gan_loss(x, is_real, kind, for_generator, classes)
-                   for x in logits) / len(logits)
+    layout_classes) are the targets of "real", class 0 of "fake" (oasis_loss)."""
     if kind == "oasis":  # G asks for its photo's pixels to be segmented as the label map says
         return oasis_loss(logits, classes, is_real)
     if kind == "hinge":
@@ -84,11 +80,4 @@ def oasis_loss(logits, classes, to_classes):
     weights = (labelled.sum() / (present * counts.clamp_min(1)))[classes.clamp_min(0)]
     per_pixel = F.cross_entropy(logits, classes, ignore_index=IGNORED_CLASS, reduction="none")
     return (per_pixel * weights * labelled).sum() / labelled.sum().clamp_min(1)
-
-
-def feature_matching_loss(real_features, fake_features):
-    """pix2pixHD's: L1 between D's features of (label, real), a target without gradient, and of
-    (label, fake); summed over layers, averaged over scales (lists per scale of lists per layer)."""
-    return sum(sum(F.l1_loss(f.float(), r.detach().float()) for r, f in zip(reals, fakes))
-               for reals, fakes in zip(real_features, fake_features)) / len(real_features)
 

@@ -2,20 +2,17 @@
 
 Both follow the reference pix2pix implementation layer for layer (same widths, kernels, norms,
 biases, dropout and init), but are written flat with readable names, so a state dict reads
-`encoder.down3.conv.weight` rather than `model.model.1.model.3...`. pix2pixHD's multi-scale
-discriminator (PatchGANs on the pair at full and reduced resolution) is the one addition.
+`encoder.down3.conv.weight` rather than `model.model.1.model.3...`.
 """
 
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cityscapes import PALETTE
 from utils import declared, option
 
 
@@ -29,35 +26,6 @@ def _instance_norm(channels):
 
 
 NORMS = {"batch": _batch_norm, "instance": _instance_norm}
-LABEL_INPUTS = ("rgb", "onehot")
-
-
-class PaletteOneHot(nn.Module):
-    """Colour label maps in [-1, 1] -> one channel per Cityscapes palette colour: each pixel is
-    1 in the channel of its nearest colour (the rule of cityscapes.nearest_colors, on the
-    device), so JPEG-noisy colours reach the network as clean classes. No weights; the palette
-    is a buffer outside the state dict."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("palette", torch.tensor(PALETTE, dtype=torch.float32),
-                             persistent=False)
-        self.channels = len(PALETTE)
-
-    def forward(self, label):  # (B, 3, H, W) -> (B, K, H, W)
-        # Back to 0..255 integers: exact squared distances, so ties go to the first colour as
-        # in cityscapes.nearest_colors (in [-1, 1] rounding would break them either way).
-        colours = ((label.float() + 1) * 127.5).round()
-        distances = torch.stack([(colours - c[None, :, None, None]).square().sum(1)
-                                 for c in self.palette], dim=1)
-        # NOTE: contiguous, not the permuted (channels-last) strides: with those torch.export
-        # (export.py) cannot allow a batch of one.
-        one_hot = F.one_hot(distances.argmin(1), self.channels).permute(0, 3, 1, 2)
-        return one_hot.contiguous().to(label.dtype)
-
-
-def label_encoding(label_input):
-    return PaletteOneHot() if label_input == "onehot" else nn.Identity()
 
 
 def _transposed_conv(c_in, c_out, bias):
@@ -163,14 +131,6 @@ class ModelConfig:
     upsample: str = option("resize", "generator's upsampling: transposed convolution (paper) or "
                            "nearest resize + 3x3 convolution", tuple(UPSAMPLES),
                            paper="transposed", legacy="transposed")
-    spectral_norm: bool = option(False, "spectral norm on the discriminator's convolutions",
-                                 paper=False, legacy=False)
-    discriminator_scales: int = option(1, "PatchGANs judging at full, 1/2, ... resolution "
-                                       "(pix2pixHD's multi-scale discriminator; 1: the paper)",
-                                       minimum=1, paper=1, legacy=1)
-    label_input: str = option("rgb", "label maps as RGB colours (the paper) or one-hot: one "
-                              "channel per Cityscapes palette colour, nearest colour per pixel",
-                              LABEL_INPUTS, paper="rgb", legacy="rgb")
     discriminator_classes: int = option(0, "0: D gives one real/fake logit per patch; N > 0 "
                                         "(OASIS): D sees the photo alone and gives N + 1 logits "
                                         "per patch, 'fake' and the N label classes", minimum=0)
@@ -187,13 +147,6 @@ class ModelConfig:
         size = self.image_size
         if size < 4 or size & (size - 1):
             raise ValueError(f"image_size must be a power of two >= 4, got {size}")
-        # The coarsest PatchGAN needs at least one logit: its stride-2 blocks, then two
-        # 4x4 stride-1 convolutions that each take a pixel off.
-        coarsest = size // 2 ** (self.discriminator_scales - 1)
-        if self.discriminator_scales > 1 and self.discriminator_layers and \
-                coarsest // 2 ** self.discriminator_layers < 3:
-            raise ValueError(f"image_size {size} is too small for {self.discriminator_scales} "
-                             f"discriminator scales of {self.discriminator_layers} layers")
 
     @property
     def depth(self):
@@ -230,10 +183,8 @@ class UNetGenerator(nn.Module):
     """
 
     def __init__(self, in_channels=3, out_channels=3, base_channels=64, depth=8,
-                 norm="batch", dropout=True, upsample="transposed", label_input="rgb"):
+                 norm="batch", dropout=True, upsample="transposed"):
         super().__init__()
-        self.label_encoding = label_encoding(label_input)
-        in_channels = getattr(self.label_encoding, "channels", in_channels)
         if depth < 2:
             raise ValueError(f"depth must be >= 2, got {depth}")
         make_norm = norm_layer(norm)
@@ -277,7 +228,6 @@ class UNetGenerator(nn.Module):
         init_weights(self)
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H, W) in [-1, 1]
-        x = self.label_encoding(x)
         skips = []
         for block in self.encoder.values():
             x = block(x)
@@ -286,14 +236,6 @@ class UNetGenerator(nn.Module):
         for k in range(self.depth - 1, 0, -1):
             x = self.decoder[f"up{k}"](torch.cat([x, skips.pop()], dim=1))
         return x
-
-
-class Judgement(NamedTuple):
-    """What a discriminator says of a batch at one scale; every discriminator returns a list
-    of them, one per scale, finest first (one for a single PatchGAN)."""
-
-    logits: torch.Tensor  # (B, 1, h, w): real/fake per patch; OASIS: (B, N + 1, h, w)
-    features: list[torch.Tensor]  # each LeakyReLU's output: what feature matching compares
 
 
 class PatchDiscriminator(nn.Module):
@@ -307,12 +249,9 @@ class PatchDiscriminator(nn.Module):
     """
 
     def __init__(self, in_channels=6, base_channels=64, num_layers=3, norm="batch",
-                 spectral_norm=False, label_input="rgb", num_classes=0):
+                 num_classes=0):
         super().__init__()
         self.conditional = num_classes == 0
-        self.label_encoding = label_encoding(label_input) if self.conditional else nn.Identity()
-        if label_input == "onehot" and self.conditional:  # K class channels, not 3 colours
-            in_channels += self.label_encoding.channels - 3
         head_channels = num_classes + 1 if num_classes else 1
         make_norm = norm_layer(norm)
         bias = norm == "instance"
@@ -338,74 +277,34 @@ class PatchDiscriminator(nn.Module):
             layers["head"] = nn.Conv2d(c_out, head_channels, 4, stride=1, padding=1)
         self.layers = nn.Sequential(layers)
         init_weights(self)
-        if spectral_norm:  # Miyato et al. 2018: each layer 1-Lipschitz, applied after the init
-            for layer in self.layers:
-                if isinstance(layer, nn.Conv2d):
-                    nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, label, photo, passes=1):
-        """(B, C1, H, W), (B, C2, H, W) -> [Judgement]: one scale's (B, 1, h, w) logits and the
-        output of each LeakyReLU (what feature matching compares).
+        """(B, C1, H, W), (B, C2, H, W) -> (B, 1, h, w) logits (OASIS: (B, N + 1, h, w)).
 
         `passes` > 1: the batch is that many equal batches stacked (real pairs, then fake ones)
         that go through the convolutions together, in larger matrix products, while each
         normalisation layer takes each one's statistics on its own: the logits of separate
-        passes. (Spectral norm's power iteration then runs once for all of them.)"""
-        x = torch.cat([self.label_encoding(label), photo], dim=1) if self.conditional else photo
-        features = []
+        passes, which `.chunk(passes)` splits again."""
+        x = torch.cat([label, photo], dim=1) if self.conditional else photo
         for layer in self.layers:
             if passes > 1 and isinstance(layer, nn.modules.batchnorm._NormBase):
                 x = torch.cat([layer(part) for part in x.chunk(passes)])
             else:
                 x = layer(x)
-            if isinstance(layer, nn.LeakyReLU):
-                features.append(x)
-        return [Judgement(x, features)]
-
-
-class MultiScaleDiscriminator(nn.Module):
-    """pix2pixHD's multi-scale discriminator: PatchGAN `scale1` sees the full resolution, each
-    further one the pair average-pooled 2x once more, so its patches cover twice the scene.
-    Returns one Judgement per scale, finest first."""
-
-    def __init__(self, scales=2, **patch_options):
-        super().__init__()
-        for k in range(1, scales + 1):
-            self.add_module(f"scale{k}", PatchDiscriminator(**patch_options))
-
-    def forward(self, label, photo, passes=1):
-        judgements = []
-        for k, discriminator in enumerate(self.children()):
-            if k:
-                label, photo = F.avg_pool2d(label, 2), F.avg_pool2d(photo, 2)
-            judgements += discriminator(label, photo, passes)
-        return judgements
-
-
-def split_passes(judgements, passes=2):
-    """A discriminator's judgements of stacked passes (`passes=`) -> one list of judgements per
-    pass, in the order the batches were stacked."""
-    return [[Judgement(j.logits.chunk(passes)[k], [f.chunk(passes)[k] for f in j.features])
-             for j in judgements] for k in range(passes)]
+        return x
 
 
 def build_generator(config: ModelConfig) -> UNetGenerator:
     return UNetGenerator(config.in_channels, config.out_channels, config.generator_channels,
-                         config.depth, config.norm, config.dropout, config.upsample,
-                         config.label_input)
+                         config.depth, config.norm, config.dropout, config.upsample)
 
 
-def build_discriminator(config: ModelConfig) -> nn.Module:
-    """One PatchGAN (state-dict keys `layers.*`), or a MultiScaleDiscriminator of them."""
+def build_discriminator(config: ModelConfig) -> PatchDiscriminator:
     conditional = config.discriminator_classes == 0
-    options = dict(in_channels=config.out_channels + (config.in_channels if conditional else 0),
-                   base_channels=config.discriminator_channels,
-                   num_layers=config.discriminator_layers, norm=config.norm,
-                   spectral_norm=config.spectral_norm, label_input=config.label_input,
-                   num_classes=config.discriminator_classes)
-    if config.discriminator_scales == 1:
-        return PatchDiscriminator(**options)
-    return MultiScaleDiscriminator(config.discriminator_scales, **options)
+    return PatchDiscriminator(
+        in_channels=config.out_channels + (config.in_channels if conditional else 0),
+        base_channels=config.discriminator_channels, num_layers=config.discriminator_layers,
+        norm=config.norm, num_classes=config.discriminator_classes)
 
 
 def count_parameters(module):

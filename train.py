@@ -29,8 +29,8 @@ from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_f
                     run_paths)
 from ema import GeneratorEMA, calibration_indices
 from loaders import build_train_loader, build_val_dataset, fixed_batch, total_steps
-from losses import discriminator_loss, feature_matching_loss, generator_loss, layout_classes
-from models import build_discriminator, build_generator, split_passes
+from losses import discriminator_loss, generator_loss, layout_classes
+from models import build_discriminator, build_generator
 from run_folder import RunLock, claim_outputs, outputs_in_data, resume_command
 from training_log import LOSS_NAMES, LossMeter, RunLog, describe_epoch, save_sample_grid
 from utils import UserError, make_folder, one_line, psnr, run_cli
@@ -56,8 +56,8 @@ def adam_kernel(config, device):
             "foreach": None}
 
 
-def build_adam(module, config, device, lr=None):
-    return torch.optim.Adam(module.parameters(), lr=lr or config.lr,
+def build_adam(module, config, device):
+    return torch.optim.Adam(module.parameters(), lr=config.lr,
                             betas=(config.beta1, config.beta2), **adam_kernel(config, device))
 
 
@@ -117,27 +117,19 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     # over both batches (batch norm keeps each one's statistics, as two passes would).
     nets.discriminator.requires_grad_(True)
     with runtime.autocast():
-        real_judged, fake_judged = split_passes(nets.discriminator_step(
-            torch.cat([source, source]), torch.cat([target, fake.detach()]), passes=2))
-        d_loss, d_real, d_fake = discriminator_loss([j.logits for j in real_judged],
-                                                    [j.logits for j in fake_judged],
-                                                    config.gan_loss, **layout)
+        real_logits, fake_logits = nets.discriminator_step(
+            torch.cat([source, source]), torch.cat([target, fake.detach()]), passes=2).chunk(2)
+        d_loss, d_real, d_fake = discriminator_loss(real_logits, fake_logits, config.gan_loss,
+                                                    **layout)
     scaler.scale(d_loss).backward()
     scaler.step(discriminator_optimizer)
     discriminator_optimizer.zero_grad(set_to_none=True)  # freed now, not kept for a step
 
-    # The generator, through the frozen discriminator; with feature matching also towards D's
-    # features of the real pair (the logged adversarial loss leaves that term out).
+    # The generator, through the frozen discriminator.
     nets.discriminator.requires_grad_(False)
     with runtime.autocast():
-        fake_judged = nets.discriminator_frozen(source, fake)
-        g_loss, g_adv, g_l1 = generator_loss([j.logits for j in fake_judged], fake, target,
-                                             config.lambda_l1, config.gan_loss, **layout)
-        if config.feature_matching:
-            with torch.no_grad():
-                real_judged = nets.discriminator_frozen(source, target)
-            g_loss = g_loss + config.feature_matching * feature_matching_loss(
-                [j.features for j in real_judged], [j.features for j in fake_judged])
+        g_loss, g_adv, g_l1 = generator_loss(nets.discriminator_frozen(source, fake), fake,
+                                             target, config.lambda_l1, config.gan_loss, **layout)
     scaler.scale(g_loss).backward()  # with step_in_backward: G is updated here
     if not generator_in_backward:
         scaler.step(generator_optimizer)
@@ -187,9 +179,9 @@ def epochs_of_batches(loader, sampler, optimizers, progress, config):
     while progress.epoch < config.epochs and not step_limit_reached(progress.step, config):
         epoch = progress.epoch
         factor = lr_factor(epoch, config.epochs, config.decay_epochs)
-        for optimizer, lr in zip(optimizers, (config.lr, config.discriminator_lr)):
+        for optimizer in optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = lr * factor
+                group["lr"] = config.lr * factor
         sampler.set_epoch(epoch, skip_samples=progress.samples_done)
         for done, batch in enumerate(readable_batches(loader), 1):
             yield epoch, batch, done == len(loader)
@@ -265,8 +257,8 @@ def _train(config, runtime, resume_from, overwrite):
     torch.manual_seed(config.seed)
     generator = distributed.prepare(build_generator(config.model_config()), config, runtime)
     discriminator = distributed.prepare(build_discriminator(config.model_config()), config, runtime)
-    optimizers = (build_adam(generator, config, runtime.device, config.lr),
-                  build_adam(discriminator, config, runtime.device, config.discriminator_lr))
+    optimizers = (build_adam(generator, config, runtime.device),
+                  build_adam(discriminator, config, runtime.device))
     ema = GeneratorEMA(generator, config.ema_decay) if config.ema_decay else None
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     progress, running = Progress(), None

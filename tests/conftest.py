@@ -40,12 +40,6 @@ def tiny_model(**overrides):
     return ModelConfig(**{**TINY_MODEL, **overrides})
 
 
-def patch_logits(discriminator, label, photo):
-    """The logit grid of a single-scale discriminator (it returns one Judgement)."""
-    [judgement] = discriminator(label, photo)
-    return judgement.logits
-
-
 def as_flags(options):
     """Command-line flags of {TrainConfig field: value}: `--name value`; booleans as
     `--name` / `--no_name`."""

@@ -50,14 +50,14 @@ def random_checkpoint(path, seed=0, image_size=32, **options):
 def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     # 64 pixels: deep enough for the decoder's dropout, which the exports must leave out.
-    return {"rgb": random_checkpoint(folder / "rgb.pth", image_size=64, upsample="transposed"),
-            "onehot": random_checkpoint(folder / "onehot.pth", seed=1, upsample="resize",
-                                        label_input="onehot")}
+    return {"transposed": random_checkpoint(folder / "transposed.pth", image_size=64,
+                                            upsample="transposed"),
+            "resize": random_checkpoint(folder / "resize.pth", seed=1, upsample="resize")}
 
 
 @pytest.fixture(scope="module")
 def exported(checkpoints, tmp_path_factory):
-    """{(label_input, suffix): (exported file, its parity check's (mean, max))}."""
+    """{(kind, suffix): (exported file, its parity check's (mean, max))}."""
     folder = tmp_path_factory.mktemp("exported")
     files = {}
     for kind, path in checkpoints.items():
@@ -76,7 +76,7 @@ def test_random_generators_are_not_flat(checkpoints):
         assert all(p.std() > 20 for p in photos)
 
 
-@pytest.mark.parametrize("kind", ["rgb", "onehot"])
+@pytest.mark.parametrize("kind", ["transposed", "resize"])
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_each_format_round_trips_with_parity(exported, checkpoints, kind, suffix):
     path, (mean, worst) = exported[kind, suffix]
@@ -93,26 +93,25 @@ def test_each_format_round_trips_with_parity(exported, checkpoints, kind, suffix
 
 def test_onnx_graph_contract(exported):
     import onnx
-    model = onnx.load(str(exported["onehot", ".onnx"][0]))
+    model = onnx.load(str(exported["resize", ".onnx"][0]))
     assert model.opset_import[0].version == export.ONNX_OPSET
     (label,), (photo,) = model.graph.input, model.graph.output
     assert (label.name, photo.name) == ("label", "photo")
     dims = [d.dim_param or d.dim_value for d in label.type.tensor_type.shape.dim]
     assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))
-    assert "ArgMin" in {node.op_type for node in model.graph.node}  # the nearest palette colour
     assert json.loads({p.key: p.value for p in model.metadata_props}["config"])["model"][
-        "label_input"] == "onehot"
+        "upsample"] == "resize"
 
 
 def test_a_changed_weight_fails_the_check(exported, checkpoints, tmp_path):
     """Negative control: the check catches an export whose weights differ."""
-    generator, config = inference.load_generator(checkpoints["rgb"])
-    candidate, _ = inference.load_generator(exported["rgb", ".safetensors"][0])
+    generator, config = inference.load_generator(checkpoints["transposed"])
+    candidate, _ = inference.load_generator(exported["transposed", ".safetensors"][0])
     with torch.no_grad():
         candidate.decoder.up2.conv.weight.mul_(1.5)
     with pytest.raises(inference.UserError, match="over the limits"):
         export.check_parity(generator, candidate, config, "changed")
-    onnx_generator, _ = load_onnx(exported["rgb", ".onnx"][0])
+    onnx_generator, _ = load_onnx(exported["transposed", ".onnx"][0])
     with torch.no_grad():
         generator.decoder.up2.conv.weight.mul_(1.5)
     with pytest.raises(inference.UserError, match="over the limits"):
@@ -130,7 +129,7 @@ def test_export_fails_loudly_and_writes_nothing(checkpoints, tmp_path, monkeypat
 
     monkeypatch.setitem(export.FORMATS, ".safetensors", (write_changed, read))
     output = tmp_path / "g.safetensors"
-    status, _, err = run_in_process(export.main, ["--model_path", checkpoints["rgb"],
+    status, _, err = run_in_process(export.main, ["--model_path", checkpoints["transposed"],
                                                   "--output", output], capsys)
     assert status == 2 and "over the limits" in err and "Traceback" not in err
     assert not output.exists()
@@ -144,9 +143,9 @@ def test_inference_and_app_read_the_exports(exported, checkpoints, tmp_path):
     for k, (height, width) in enumerate([(32, 32), (40, 70), (64, 32)]):
         save_image(draw_label_map(height, width, rng), tmp_path / "in" / f"{k}.png")
     outputs = {}
-    for name, path in [("pth", checkpoints["onehot"]),
-                       ("onnx", exported["onehot", ".onnx"][0]),
-                       ("safetensors", exported["onehot", ".safetensors"][0])]:
+    for name, path in [("pth", checkpoints["resize"]),
+                       ("onnx", exported["resize", ".onnx"][0]),
+                       ("safetensors", exported["resize", ".safetensors"][0])]:
         inference.main(["--input_dir", str(tmp_path / "in"), "--output_dir",
                         str(tmp_path / name), "--model_path", str(path), "--precision", "fp32",
                         "--batch_size", "2"])
@@ -159,13 +158,13 @@ def test_inference_and_app_read_the_exports(exported, checkpoints, tmp_path):
                                                                      differences) < 4
     import app
     for suffix in (".onnx", ".safetensors"):
-        service = app.load_service(exported["onehot", suffix][0], torch.device("cpu"))
+        service = app.load_service(exported["resize", suffix][0], torch.device("cpu"))
         assert service is not None
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".safetensors"])
 def test_corrupt_or_foreign_files_get_one_line(tmp_path, exported, suffix, capsys):
-    good = exported["rgb", suffix][0].read_bytes()
+    good = exported["transposed", suffix][0].read_bytes()
     files = {"truncated": good[:len(good) // 2], "empty": b"", "text": b"not a model\n"}
     if suffix == ".safetensors":
         from safetensors.torch import save
@@ -192,16 +191,17 @@ def test_corrupt_or_foreign_files_get_one_line(tmp_path, exported, suffix, capsy
 
 
 def test_bad_output_and_missing_package(checkpoints, exported, tmp_path, monkeypatch, capsys):
-    status, _, err = run_in_process(export.main, ["--model_path", checkpoints["rgb"],
+    status, _, err = run_in_process(export.main, ["--model_path", checkpoints["transposed"],
                                                   "--output", tmp_path / "g.h5"], capsys)
     assert status == 2 and "unknown format '.h5'" in err
-    status, _, err = run_in_process(export.main, ["--model_path", exported["rgb", ".onnx"][0],
+    onnx_file = exported["transposed", ".onnx"][0]
+    status, _, err = run_in_process(export.main, ["--model_path", onnx_file,
                                                   "--output", tmp_path / "g.pt2"], capsys)
     assert status == 2 and "already an ONNX graph" in err
     with pytest.raises(inference.UserError, match="a torch.export program"):
-        inference.load_generator(exported["rgb", ".pt2"][0])
+        inference.load_generator(exported["transposed", ".pt2"][0])
     monkeypatch.setitem(__import__("sys").modules, "onnxscript", None)  # as if not installed
-    status, _, err = run_in_process(export.main, ["--model_path", checkpoints["rgb"],
+    status, _, err = run_in_process(export.main, ["--model_path", checkpoints["transposed"],
                                                   "--output", tmp_path / "g.onnx"], capsys)
     assert status == 2 and "pip install -r requirements-extras.txt" in err
     assert len(err.strip().splitlines()) == 1

@@ -1,5 +1,6 @@
 """The quality levers of issue 15, each behind a flag: the paper preset, resize-convolution
-upsampling, spectral norm, the hinge loss, D's own learning rate, the generator's EMA."""
+upsampling, the hinge loss, the generator's EMA; and the checkpoints of the levers removed after
+the real-photo measurement (config.REMOVED)."""
 
 from pathlib import Path
 
@@ -8,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+import inference
 import losses
 import train
-from checkpoints import load_checkpoint
-from cityscapes import PALETTE
+from checkpoints import load_checkpoint, save_checkpoint
 from config import PRESETS, TrainConfig, apply_preset
-from conftest import output_flags, tiny_config, tiny_model
+from conftest import (draw_label_map, output_flags, run_in_process, save_image, tiny_config,
+                      tiny_model)
 from ema import GeneratorEMA
 from inference import load_generator
 from models import (ModelConfig, ResizeConv2d, build_discriminator, build_generator,
@@ -21,14 +23,13 @@ from models import (ModelConfig, ResizeConv2d, build_discriminator, build_genera
 from utils import UserError
 
 
-
 def test_the_paper_preset_gives_the_paper_networks():
     config = TrainConfig(**apply_preset({"preset": "paper"}))
     torch.manual_seed(0)
     assert count_parameters(build_generator(config.model_config())) == 54_413_955
     assert count_parameters(build_discriminator(config.model_config())) == 2_768_705
-    assert (config.upsample, config.gan_loss, config.ema_decay, config.spectral_norm,
-            config.discriminator_lr) == ("transposed", "bce", 0.0, False, 2e-4)
+    assert (config.upsample, config.gan_loss, config.ema_decay, config.lr) == (
+        "transposed", "bce", 0.0, 2e-4)
 
 
 def test_flags_given_with_a_preset_win_and_unknown_presets_are_refused():
@@ -40,15 +41,13 @@ def test_flags_given_with_a_preset_win_and_unknown_presets_are_refused():
 
 
 def test_checkpoints_without_the_new_keys_get_the_paper_networks():
-    old = {k: v for k, v in ModelConfig().to_dict().items()
-           if k not in ("upsample", "spectral_norm")}
-    assert ModelConfig.from_dict(old) == ModelConfig(upsample="transposed", spectral_norm=False)
+    old = {k: v for k, v in ModelConfig().to_dict().items() if k != "upsample"}
+    assert ModelConfig.from_dict(old) == ModelConfig(upsample="transposed")
     saved = TrainConfig().to_dict()
-    for key in ("upsample", "spectral_norm", "lr_d", "ema_decay"):
+    for key in ("upsample", "ema_decay"):
         saved.pop(key)
     restored = TrainConfig.from_dict(saved)
-    assert (restored.upsample, restored.ema_decay, restored.discriminator_lr) == (
-        "transposed", 0.0, restored.lr)
+    assert (restored.upsample, restored.ema_decay) == ("transposed", 0.0)
 
 
 def test_resize_upsampling_has_no_transposed_convolution():
@@ -62,19 +61,6 @@ def test_resize_upsampling_has_no_transposed_convolution():
         assert generator(torch.randn(2, 3, 32, 32)).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="upsample"):
         ModelConfig(upsample="pixelshuffle")
-
-
-def test_spectral_norm_bounds_every_discriminator_layer():
-    torch.manual_seed(0)
-    discriminator = build_discriminator(tiny_model(spectral_norm=True))
-    convs = [m for m in discriminator.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(hasattr(m, "parametrizations") for m in convs)
-    label, photo = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
-    for _ in range(30):  # power iterations run in train mode
-        discriminator(label, photo)
-    for conv in convs:
-        sigma = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
-        assert sigma.item() == pytest.approx(1.0, abs=0.05)
 
 
 def test_hinge_loss_on_hand_made_logits():
@@ -106,8 +92,8 @@ def test_ema_is_the_hand_computed_average_with_the_live_batch_norm_statistics():
 
 def test_generator_pth_holds_the_averaged_weights_and_a_resume_continues_both(tmp_path,
                                                                               demo_set):
-    config = tiny_config(tmp_path, demo_set, epochs=2, max_steps=3, ema_decay=0.9, lr_d=1e-3,
-                         gan_loss="hinge", upsample="resize", spectral_norm=True)
+    config = tiny_config(tmp_path, demo_set, epochs=2, max_steps=3, ema_decay=0.9,
+                         gan_loss="hinge", upsample="resize")
     train.train(config)
     folder = Path(config.checkpoint_dir)
     latest, shown = load_checkpoint(folder / "latest.pth"), load_checkpoint(
@@ -118,7 +104,6 @@ def test_generator_pth_holds_the_averaged_weights_and_a_resume_continues_both(tm
     differs = [k for k, v in latest["generator"].items() if v.is_floating_point() and
                not torch.equal(v, latest["generator_train"][k])]
     assert differs  # the average trails the trained weights
-    assert latest["discriminator_optimizer"]["param_groups"][0]["lr"] == 1e-3
     generator, saved = load_generator(folder / "generator.pth")  # the checkpoint alone
     assert saved["model"]["upsample"] == "resize"
     with torch.no_grad():
@@ -128,36 +113,84 @@ def test_generator_pth_holds_the_averaged_weights_and_a_resume_continues_both(tm
     assert summary["step"] == 5
 
 
-# --- One-hot label input ------------------------------------------------------------------
-
-def test_one_hot_input_follows_the_one_nearest_colour_rule(tmp_path):
-    """On a label map with the public set's profile: blended borders, then JPEG ringing."""
-    from PIL import Image
-
-    from cityscapes import nearest_colors
-    from demo.data import real_profile_pair, save_real_profile_jpeg
-    from models import PaletteOneHot
-    save_real_profile_jpeg(real_profile_pair(np.random.default_rng(3), 64)[0],
-                           tmp_path / "label.jpg")
-    label = np.asarray(Image.open(tmp_path / "label.jpg").convert("RGB"))
-    x = torch.tensor(label).permute(2, 0, 1)[None].float() / 127.5 - 1
-    onehot = PaletteOneHot()(x)
-    assert onehot.shape == (1, len(onehot[0]), 64, 64) and (onehot.sum(1) == 1).all()
-    assert np.array_equal(onehot[0].argmax(0).numpy(), nearest_colors(label)[0])
 
 
-def test_one_hot_models_keep_their_keys_and_load_in_inference(tmp_path):
-    from conftest import write_checkpoint
-    from inference import Translator
-    rgb = build_generator(TrainConfig(image_size=32).model_config()).state_dict()
-    onehot = build_generator(TrainConfig(image_size=32, label_input="onehot")
-                             .model_config()).state_dict()
-    assert list(rgb) == list(onehot)  # no palette buffer in the state dict
-    assert onehot["encoder.down1.conv.weight"].shape[1] == len(PALETTE)
-    path = write_checkpoint(tmp_path / "g.pth", label_input="onehot")
-    generator, config = load_generator(path)
-    photo = Translator(generator, config, "cpu").translate([np.zeros((40, 48, 3), np.uint8)])[0]
-    assert photo.shape == (40, 48, 3)
-    with pytest.raises(UserError, match="needs --direction label2photo"):
-        TrainConfig(label_input="onehot", direction="photo2label")
-    assert TrainConfig.from_dict({"image_size": 32}).label_input == "rgb"  # old checkpoints
+# --- Checkpoints of the levers removed after the real-photo measurement ----------------------
+
+# What every checkpoint written before the removal saved for them: the levers off.
+LEVERS_OFF = {"label_input": "rgb", "feature_matching": 0.0, "discriminator_scales": 1,
+              "spectral_norm": False, "lr_d": 0.0}
+IN_MODEL = ("label_input", "discriminator_scales", "spectral_norm")  # also in config["model"]
+
+
+def as_saved_before(path, out, **levers):
+    """A copy of the checkpoint `path` whose configuration holds `levers` as the version before
+    the removal saved them."""
+    checkpoint = load_checkpoint(path)
+    for name, value in levers.items():
+        checkpoint["config"][name] = value
+        if name in IN_MODEL:
+            checkpoint["config"]["model"][name] = value
+    save_checkpoint(checkpoint, out)
+    return out
+
+
+def test_checkpoints_saved_with_the_removed_levers_off_load_and_resume(tmp_path,
+                                                                        tiny_checkpoint):
+    from checkpoints import load_resume_state, restore_training_state
+    from config import merge_for_resume
+    path = as_saved_before(tiny_checkpoint(latest=True), tmp_path / "old.pth", **LEVERS_OFF)
+    generator, _ = load_generator(path)
+    assert generator(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    checkpoint = load_resume_state(path)
+    config = merge_for_resume(checkpoint["config"], {})
+    nets = [build(config.model_config()) for build in (build_generator, build_discriminator)]
+    optimizers = [train.build_adam(net, config, torch.device("cpu")) for net in nets]
+    progress, _ = restore_training_state(checkpoint, path, *nets, optimizers,
+                                         torch.amp.GradScaler("cpu", enabled=False))
+    assert progress.step == 0
+
+
+@pytest.mark.parametrize("flag, levers", [
+    ("--feature_matching 10.0", {"feature_matching": 10.0}),
+    ("--discriminator_scales 2", {"discriminator_scales": 2}),
+    ("--spectral_norm", {"spectral_norm": True}),
+    ("--lr_d 0.0004", {"lr_d": 4e-4}),
+    ("--label_input onehot", {"label_input": "onehot"})])
+def test_resuming_a_run_of_a_removed_lever_is_refused_in_one_line(tmp_path, tiny_checkpoint,
+                                                                  capsys, flag, levers):
+    path = as_saved_before(tiny_checkpoint(latest=True), tmp_path / "latest.pth", **levers)
+    status, _, err = run_in_process(train.main, ["--resume", path, "--checkpoint_dir",
+                                                 tmp_path / "run"], capsys)
+    assert status == 2 and err.splitlines() == [
+        f"error: {path}: trained with {flag}, which this version removed (docs/quality.md); "
+        "resume it with the version that wrote it (git log) or start a new run"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_generator_trained_with_the_removed_discriminator_levers_translates(
+        tmp_path, tiny_checkpoint, capsys):
+    """They changed the discriminator alone: generator.pth is a generator of today's."""
+    path = as_saved_before(tiny_checkpoint(), tmp_path / "g.pth", feature_matching=10.0,
+                           discriminator_scales=2, spectral_norm=True, lr_d=4e-4)
+    save_image(draw_label_map(40, 48, np.random.default_rng(0)), tmp_path / "in" / "a.png")
+    for name, model in (("old", path), ("same", tiny_checkpoint())):
+        status, _, err = run_in_process(inference.main, [
+            "--input_dir", tmp_path / "in", "--output_dir", tmp_path / name, "--model_path",
+            model, "--precision", "fp32"], capsys)
+        assert status == 0, err
+    assert (tmp_path / "old" / "a.png").read_bytes() == (tmp_path / "same" / "a.png").read_bytes()
+
+
+def test_a_one_hot_generator_is_refused_in_one_line(tmp_path, tiny_checkpoint, capsys):
+    path = as_saved_before(tiny_checkpoint(), tmp_path / "g.pth", label_input="onehot")
+    checkpoint = load_checkpoint(path)  # its first layer read one channel per palette colour
+    checkpoint["generator"]["encoder.down1.conv.weight"] = torch.zeros(8, 34, 4, 4)
+    save_checkpoint(checkpoint, path)
+    save_image(draw_label_map(32, 32, np.random.default_rng(0)), tmp_path / "in" / "a.png")
+    status, _, err = run_in_process(inference.main, [
+        "--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model_path", path],
+        capsys)
+    assert status == 2 and err.splitlines() == [
+        f"error: {path}: trained with --label_input onehot, which this version removed "
+        "(docs/quality.md); use it with the version that wrote it (git log)"]
