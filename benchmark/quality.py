@@ -146,7 +146,8 @@ def prepare(args, log=print):
               "train_labels": train_labels,
               "val_ids": val_ids, "judge": judge, "classes": classes,
               "upper_bound": seg.consistency(judge, val_photos, val_ids, classes),
-              "judge_probes": judge_probes(judge, val_photos, val_ids, classes),
+              "judge_probes": judge_probes(judge, val_photos, val_ids, classes, train_photos,
+                                           train_ids),
               "segmenter_seconds": round(seconds, 1),
               "data": (f"real photos from {args.data_dir}" if args.data_dir else
                        "synthetic scenes with the real set's profile (demo.data profile=real)")
@@ -159,19 +160,34 @@ def prepare(args, log=print):
     return shared
 
 
-def judge_probes(judge, photos, train_ids, classes):
+def judge_probes(judge, photos, ids, classes, train_photos, train_ids):
     """The judge's mean IoU on the real val photos as they are and with each of the two looks
     that generated photos have: blurred (2x down and up, bilinear) and carrying a 2-pixel
-    checkerboard of amplitude 0.1 (about 13 levels). A judge that scores the checkerboard
-    above the blur rewards texture over layout."""
+    checkerboard of amplitude 0.1 (about 13 levels); and on the val label maps painted with
+    each class's mean colour in the training photos (no texture at all: the colour lookup
+    table). A judge that scores the checkerboard above the blur rewards texture over layout;
+    one that scores the lookup table near the real photos reads class colours, not photos."""
     size = photos.shape[-2:]
     blurred = F.interpolate(F.avg_pool2d(photos, 2), size=size, mode="bilinear",
                             align_corners=False)
     rows, cols = torch.arange(size[0])[:, None], torch.arange(size[1])[None]
     checker = ((rows + cols) % 2 * 2 - 1) * 0.1
-    return {name: seg.consistency(judge, images.clamp(-1, 1), train_ids, classes)["mean_iou"]
+    return {name: seg.consistency(judge, images.clamp(-1, 1), ids, classes)["mean_iou"]
             for name, images in (("real", photos), ("blurred", blurred),
-                                 ("checkerboard", photos + checker))}
+                                 ("checkerboard", photos + checker),
+                                 ("lookup", lookup_table_photos(ids, train_photos, train_ids)))}
+
+
+def lookup_table_photos(ids, train_photos, train_ids):
+    """(N, H, W) class ids -> (N, 3, H, W): each pixel the mean colour of its class over the
+    training photos (grey for a class they do not hold)."""
+    colours = torch.zeros(256, 3)
+    pixels = train_photos.permute(0, 2, 3, 1).reshape(-1, 3)
+    flat = train_ids.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=256).clamp(min=1)
+    for channel in range(3):
+        colours[:, channel] = torch.bincount(flat, pixels[:, channel], minlength=256) / counts
+    return colours[ids.long()].permute(0, 3, 1, 2)
 
 
 # --- One run: train, then score -------------------------------------------------------------
@@ -421,8 +437,8 @@ def print_tables(runs, steps, baseline, ceiling=None, data="", probes=None):
     summary_time = summarise(equal_time)
     steps_time = {name: "/".join(str(r["step"]) for r in equal_time if r["config"] == name)
                   for name in summary_time}
-    print(data + ("; the judge's mean IoU on real / blurred / checkerboarded val photos: " +
-                  " / ".join(f"{v:.3f}" for v in probes.values()) if probes else ""))
+    print(data + ("; the judge's mean IoU on val photos " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in probes.items()) if probes else ""))
     print(f"\nAt equal steps ({steps}):")
     print(format_table(summary, ceiling, baseline))
     if len({r["step"] for r in runs}) > 1:
@@ -447,8 +463,9 @@ def main(argv=None):
         return report(args.report.split(","), args.baseline)
     torch.set_num_threads(torch.get_num_threads())
     shared = prepare(args, log=lambda m: print(m, file=sys.stderr))
-    print(f"judge on real val photos: {shared['upper_bound']}; mean IoU on real, blurred and "
-          f"checkerboarded val photos: {shared['judge_probes']}", file=sys.stderr)
+    print(f"judge on real val photos: {shared['upper_bound']}; mean IoU on val photos real, "
+          f"blurred, checkerboarded and painted from the colour lookup table: "
+          f"{shared['judge_probes']}", file=sys.stderr)
     runs = []
     for seed in args.seeds:  # configurations take turns, so a changing load hits all alike
         for name in args.configs:

@@ -129,7 +129,7 @@ def test_camvid_labels_hold_camvids_classes_in_cityscapes_train_ids():
     assert {0, 2, 10, 13} <= set(present) <= camvid
 
 
-def test_the_judge_probes_score_the_real_photos_blurred_and_checkerboarded():
+def test_the_judge_probes_score_real_blurred_checkerboarded_and_lookup_table_photos():
     ids = torch.zeros(2, 16, 16, dtype=torch.long)
     ids[:, :, ::2] = 10  # one-pixel stripes: blurring them away costs the judge everything
 
@@ -140,9 +140,19 @@ def test_the_judge_probes_score_the_real_photos_blurred_and_checkerboarded():
             return logits
 
     photos = torch.where(ids[:, None] == 10, 0.5, -0.5).expand(-1, 3, -1, -1)
-    probes = quality.judge_probes(ByBrightness(), photos, ids, [0, 10])
+    # Training photos whose sky is dark and road bright: their lookup table swaps the classes.
+    probes = quality.judge_probes(ByBrightness(), photos, ids, [0, 10], -photos, ids)
     assert probes["real"] == 1.0 and probes["checkerboard"] == 1.0
     assert probes["blurred"] < 0.7
+    assert probes["lookup"] == 0.0
+
+
+def test_lookup_table_photos_paint_each_class_its_mean_training_colour():
+    train_ids = torch.tensor([[[0, 0], [10, 10]]])
+    train_photos = torch.tensor([[[[0.2, 0.4], [0.9, 0.9]]]]).expand(-1, 3, -1, -1)
+    painted = quality.lookup_table_photos(torch.tensor([[[10, 0, 5]]]), train_photos, train_ids)
+    assert painted.shape == (1, 3, 1, 3)
+    assert torch.allclose(painted[0, :, 0], torch.tensor([0.9, 0.3, 0.0]).expand(3, -1))
 
 
 def test_precise_batch_norm_recomputes_the_statistics_of_the_weights_scored():
