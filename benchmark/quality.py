@@ -40,6 +40,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,8 +49,9 @@ from benchmark import segmenter as seg
 from config import TrainConfig, apply_preset
 from dataset import PairDataset
 from demo.data import write_demo_dataset
+from demo.run import apply_color_lookup, fit_color_lookup
 from inference import load_generator
-from utils import psnr, to_uint8
+from utils import psnr, to_uint8, to_unit_range
 
 # Each lever alone over the paper's configuration, then combinations.
 CONFIGS = {
@@ -146,8 +148,9 @@ def prepare(args, log=print):
               "train_labels": train_labels,
               "val_ids": val_ids, "judge": judge, "classes": classes,
               "upper_bound": seg.consistency(judge, val_photos, val_ids, classes),
-              "judge_probes": judge_probes(judge, val_photos, val_ids, classes, train_photos,
-                                           train_ids),
+              "judge_probes": judge_probes(judge, val_photos, val_ids, classes,
+                                           lookup_table_photos(val_labels, train_labels,
+                                                               train_photos)),
               "segmenter_seconds": round(seconds, 1),
               "data": (f"real photos from {args.data_dir}" if args.data_dir else
                        "synthetic scenes with the real set's profile (demo.data profile=real)")
@@ -160,12 +163,12 @@ def prepare(args, log=print):
     return shared
 
 
-def judge_probes(judge, photos, ids, classes, train_photos, train_ids):
+def judge_probes(judge, photos, ids, classes, painted):
     """The judge's mean IoU on the real val photos as they are and with each of the two looks
     that generated photos have: blurred (2x down and up, bilinear) and carrying a 2-pixel
     checkerboard of amplitude 0.1 (about 13 levels); and on the val label maps painted with
-    each class's mean colour in the training photos (no texture at all: the colour lookup
-    table). A judge that scores the checkerboard above the blur rewards texture over layout;
+    each class's mean colour in the training photos (`painted`: no texture at all, the colour
+    lookup table). A judge that scores the checkerboard above the blur rewards texture over layout;
     one that scores the lookup table near the real photos reads class colours, not photos."""
     size = photos.shape[-2:]
     blurred = F.interpolate(F.avg_pool2d(photos, 2), size=size, mode="bilinear",
@@ -175,19 +178,18 @@ def judge_probes(judge, photos, ids, classes, train_photos, train_ids):
     return {name: seg.consistency(judge, images.clamp(-1, 1), ids, classes)["mean_iou"]
             for name, images in (("real", photos), ("blurred", blurred),
                                  ("checkerboard", photos + checker),
-                                 ("lookup", lookup_table_photos(ids, train_photos, train_ids)))}
+                                 ("lookup", painted))}
 
 
-def lookup_table_photos(ids, train_photos, train_ids):
-    """(N, H, W) class ids -> (N, 3, H, W): each pixel the mean colour of its class over the
-    training photos (grey for a class they do not hold)."""
-    colours = torch.zeros(256, 3)
-    pixels = train_photos.permute(0, 2, 3, 1).reshape(-1, 3)
-    flat = train_ids.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=256).clamp(min=1)
-    for channel in range(3):
-        colours[:, channel] = torch.bincount(flat, pixels[:, channel], minlength=256) / counts
-    return colours[ids.long()].permute(0, 3, 1, 2)
+def lookup_table_photos(labels, train_labels, train_photos):
+    """(N, 3, H, W) label maps in [-1, 1] -> the photos the demo's colour lookup table predicts
+    for them (demo.run: each palette class's mean colour over the training pairs)."""
+    def arrays(images):
+        return to_uint8(images).permute(0, 2, 3, 1).numpy()
+
+    table = fit_color_lookup(zip(arrays(train_labels), arrays(train_photos)))
+    painted = np.stack([apply_color_lookup(table, label) for label in arrays(labels)])
+    return to_unit_range(torch.from_numpy(painted).permute(0, 3, 1, 2))
 
 
 # --- One run: train, then score -------------------------------------------------------------

@@ -4,6 +4,7 @@ and one tiny run end to end (no Inception: --no_fid)."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from benchmark import quality
 from benchmark import segmenter as seg
 from conftest import CAMVID, tiny_model
 from dataset import PairDataset
+from utils import to_uint8
 
 
 def run(config, seed, **values):
@@ -140,19 +142,47 @@ def test_the_judge_probes_score_real_blurred_checkerboarded_and_lookup_table_pho
             return logits
 
     photos = torch.where(ids[:, None] == 10, 0.5, -0.5).expand(-1, 3, -1, -1)
-    # Training photos whose sky is dark and road bright: their lookup table swaps the classes.
-    probes = quality.judge_probes(ByBrightness(), photos, ids, [0, 10], -photos, ids)
+    # A lookup table fitted where the sky is dark and the road bright swaps the classes.
+    probes = quality.judge_probes(ByBrightness(), photos, ids, [0, 10], -photos)
     assert probes["real"] == 1.0 and probes["checkerboard"] == 1.0
     assert probes["blurred"] < 0.7
     assert probes["lookup"] == 0.0
 
 
 def test_lookup_table_photos_paint_each_class_its_mean_training_colour():
-    train_ids = torch.tensor([[[0, 0], [10, 10]]])
-    train_photos = torch.tensor([[[[0.2, 0.4], [0.9, 0.9]]]]).expand(-1, 3, -1, -1)
-    painted = quality.lookup_table_photos(torch.tensor([[[10, 0, 5]]]), train_photos, train_ids)
-    assert painted.shape == (1, 3, 1, 3)
-    assert torch.allclose(painted[0, :, 0], torch.tensor([0.9, 0.3, 0.0]).expand(3, -1))
+    """The real set's profile: label maps that went through JPEG (ringing at the class edges)
+    and dark grey photos; each class is painted its mean training colour."""
+    import io
+    from PIL import Image
+    label = np.zeros((32, 32, 3), np.uint8)
+    label[:16], label[16:] = (70, 130, 180), (128, 64, 128)  # sky over road
+    buffer = io.BytesIO()
+    Image.fromarray(label).save(buffer, "JPEG", quality=75)
+    label = np.array(Image.open(buffer).convert("RGB"))
+    assert (label != label[[0]]).any()  # ringing: not the exact palette colours any more
+    photo = np.zeros((32, 32, 3), np.uint8)
+    photo[:16], photo[16:] = (92, 96, 104), (38, 40, 44)
+    as_tensor = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 127.5 - 1
+    painted = quality.lookup_table_photos(as_tensor(label), as_tensor(label), as_tensor(photo))
+    assert painted.shape == (1, 3, 32, 32)
+    painted = to_uint8(painted)[0].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(painted - photo).max() <= 1
+
+
+@pytest.mark.skipif(not (CAMVID / "train").is_dir(), reason="../shared/camvid is not here")
+def test_lookup_table_photos_of_real_camvid_pairs_follow_their_photos():
+    """Real label maps (JPEG) and photos: the table painted from the train pairs is closer to
+    the val photos than their mean colour is, and it is not a photo (no texture)."""
+    def split(name, step):
+        data = PairDataset(CAMVID / name, image_size=64, train=False, label_side="right")
+        items = [data[i] for i in range(0, len(data), step)]
+        return (torch.stack([item["source"] for item in items]),
+                torch.stack([item["target"] for item in items]))
+    (train_labels, train_photos), (labels, photos) = split("train", 8), split("val", 10)
+    painted = quality.lookup_table_photos(labels, train_labels, train_photos)
+    mean_colour = photos.mean((0, 2, 3), keepdim=True)
+    assert (painted - photos).abs().mean() < 0.9 * (mean_colour - photos).abs().mean()
+    assert painted.std((2, 3)).mean() < photos.std((2, 3)).mean()
 
 
 def test_precise_batch_norm_recomputes_the_statistics_of_the_weights_scored():
