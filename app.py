@@ -535,7 +535,8 @@ def require_checkpoint(model_path):
                         "--model_path")
 
 
-def load_service(model_path, device, precision="auto", channels_last="auto", compile=False):
+def load_service(model_path, device, precision="auto", channels_last="auto", compile=False,
+                 fold=True):
     """A warmed-up PhotoService on the checkpoint, through inference.py's loading and
     translation code."""
     from inference import load_translator
@@ -547,7 +548,7 @@ def load_service(model_path, device, precision="auto", channels_last="auto", com
         # with the dynamic-shape graph torch falls back to at the second shape).
         torch._dynamo.config.automatic_dynamic_shapes = False
     translator, line = load_translator(model_path, device, precision, channels_last, compile,
-                                       label2photo_for="the page")
+                                       label2photo_for="the page", fold=fold)
     print(line, flush=True)
     service = PhotoService(translator)
     service.warm_up()
@@ -572,7 +573,8 @@ def main(argv=None):
         try:  # Ctrl-C while loading or serving: one line, exit status 0
             print(f"loading {args.model_path} ...", flush=True)
             server.service = load_service(args.model_path, device, args.precision,
-                                          args.channels_last, args.compile)
+                                          args.channels_last, args.compile,
+                                          args.fold_batch_norm)
             host, port = server.server_address[:2]
             if not is_loopback(args.host):
                 print(f"warning: --host {args.host}: the model is reachable from the network; "

@@ -124,7 +124,7 @@ def add_channels_last_flag(parser, default="auto",
 
 def add_inference_speed_flags(parser):
     """The flags that decide how a loaded generator runs, the same for inference.py and app.py:
-    `--device`, `--precision`, `--channels_last` and `--compile`."""
+    `--device`, `--precision`, `--channels_last`, `--compile` and `--fold_batch_norm`."""
     parser.add_argument("--device", default="auto",
                         help="auto: CUDA, then Apple MPS, then the CPU; or cpu, cuda:1, ...")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -135,4 +135,8 @@ def add_inference_speed_flags(parser):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the generator: a slower start, faster photos (pays "
                              "off on large folders and long sessions)")
-
+    parser.add_argument("--fold_batch_norm", action="store_true", default=True,
+                        help="fold batch norm into the convolutions and, in bf16 or fp16, cast "
+                             "the weights once (default; the same photos to rounding)")
+    parser.add_argument("--no_fold_batch_norm", dest="fold_batch_norm", action="store_false",
+                        help="run the network as trained, batch norm as its own layer")

@@ -32,7 +32,7 @@ from config import saved as saved_config
 from dataset import LABEL_SIDES, PAIR_NAME, read_rgb, scan_folder
 from exported import load_onnx, read_safetensors
 from labelmaps import LABEL_FORMATS, detect_label_side, split_halves
-from models import ModelConfig, build_generator
+from models import ModelConfig, build_generator, fold_batch_norm
 from utils import (UserError, WriteError, atomic_write, make_folder, one_line, run_cli, to_uint8,
                    to_unit_range)
 
@@ -154,10 +154,11 @@ class Translator:
 
 
 def load_translator(model_path, device, precision="fp32", channels_last="off", compile=False,
-                    native=False, paper_test_mode=False, label2photo_for=""):
+                    native=False, paper_test_mode=False, label2photo_for="", fold=True):
     """The one way a script gets a generator ready for use: (Translator, a line saying how it
     runs). Loads --model_path (load_generator), decides `precision` and `channels_last` for
-    `device` (an ONNX graph runs in fp32), sets the math mode, applies them and `compile`.
+    `device` (an ONNX graph runs in fp32), sets the math mode, applies them, `fold` (batch
+    norm folded, weights cast once) and `compile`.
     `label2photo_for` names a caller that needs label map -> photo (the page, evaluate.py):
     a photo2label model is refused."""
     precision, why = devices.resolve_precision(precision, device)
@@ -168,7 +169,7 @@ def load_translator(model_path, device, precision="fp32", channels_last="off", c
         precision, why = "fp32", "onnxruntime runs the exported graph in fp32"
     channels_last = in_pytorch and devices.resolve_channels_last(channels_last, device, precision)
     generator = optimize_generator(generator, channels_last, compile,
-                                   freeze=not paper_test_mode)
+                                   freeze=not paper_test_mode, precision=precision, fold=fold)
     translator = Translator(generator, config, device, native, paper_test_mode, precision,
                             channels_last)
     if label2photo_for and not translator.input_is_label:
@@ -273,12 +274,19 @@ def refuse_input_folder(input_dir, output_dir):
 
 # --- Speed: a faster generator, and file work overlapped with it ------------------------------
 
-def optimize_generator(generator, channels_last=False, compile=False, freeze=True):
-    """Channels-last weights, and torch.compile; with `freeze` (eval mode only) the compiler
-    treats the weights as constants: batch norm is folded into the convolutions and weights
-    are packed once instead of at every call."""
+def optimize_generator(generator, channels_last=False, compile=False, freeze=True,
+                       precision="fp32", fold=True):
+    """The generator as it runs fastest for use. With `freeze` (eval mode: not the paper's
+    test mode) and `fold`, batch norm is folded into the convolutions (`models.fold_batch_norm`)
+    and, for a bf16 or fp16 `precision`, every weight is cast once (autocast would cast each
+    weight at every call); then channels-last, and torch.compile, which with `freeze` treats
+    the weights as constants and packs them once instead of at every call."""
     if not isinstance(generator, torch.nn.Module):  # an OnnxGenerator: onnxruntime's own
         return generator
+    if freeze and fold:
+        generator = fold_batch_norm(generator)
+        if precision in devices.AUTOCAST_DTYPES:
+            generator = generator.to(devices.AUTOCAST_DTYPES[precision])
     if channels_last:
         generator = generator.to(memory_format=torch.channels_last)
     if compile:
@@ -362,7 +370,7 @@ def main(argv=None):
         raise UserError(f"{output_dir}: exists and is not a folder (--output_dir)")
     translator, line = load_translator(args.model_path, device, args.precision,
                                        args.channels_last, args.compile, args.native,
-                                       args.paper_test_mode)
+                                       args.paper_test_mode, fold=args.fold_batch_norm)
     print(line)
     refuse_input_folder(args.input_dir, output_dir)
     make_folder(output_dir, "output_dir")  # fail before translating, not at the first write

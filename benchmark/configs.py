@@ -9,7 +9,8 @@ OPTIONS = {
     "default": {"train": ["--precision", "auto", "--channels_last", "auto", "--cache", "auto",
                           "--num_workers", "-1", "--fused_adam"],
                 "inference": ["--precision", "auto", "--channels_last", "auto",
-                              "--io_threads", "2", "--png_compression", "1"]},
+                              "--io_threads", "2", "--png_compression", "1",
+                              "--fold_batch_norm"]},
     "tf32": {"train": ["--precision", "tf32"], "inference": None},
     "bf16": {"train": ["--precision", "bf16"], "inference": ["--precision", "bf16"]},
     "fp16": {"train": ["--precision", "fp16"], "inference": ["--precision", "fp16"]},
@@ -21,6 +22,8 @@ OPTIONS = {
     "data": {"train": ["--cache", "auto", "--num_workers", "-1"],
              "inference": ["--io_threads", "2"]},
     "png1": {"train": [], "inference": ["--png_compression", "1"]},
+    # Batch norm folded into the convolutions, and bf16/fp16 weights cast once (inference).
+    "fold": {"train": [], "inference": ["--fold_batch_norm"]},
     # The paper's networks and losses (--preset paper): what the reference implementation
     # computes. `paper+fp32` is the reference's work on the plain path; inference and the
     # bare forward use a checkpoint of the paper's generator.
@@ -32,7 +35,8 @@ OPTIONS = {
 PLAIN_TRAIN = ["--channels_last", "off", "--cache", "off", "--num_workers", "0",
                "--no_fused_adam", "--no_step_in_backward"]
 # zlib level 6: what PIL writes by default, as the reference implementation does.
-PLAIN_INFERENCE = ["--channels_last", "off", "--io_threads", "0", "--png_compression", "6"]
+PLAIN_INFERENCE = ["--channels_last", "off", "--io_threads", "0", "--png_compression", "6",
+                   "--no_fold_batch_norm"]
 
 DEFAULT_CONFIGS = {
     "cpu": "fp32,default,fp32+fused,fp32+inbwd,fp32+cl,fp32+data,fp32+compile,"
@@ -82,7 +86,7 @@ def measurement_key(part, name):
         key = inference_flags
     else:  # the bare forward: precision, memory format, compile
         key = sorted(set(name.split("+")) & {"default", "bf16", "fp16", "cl", "nocl",
-                                             "compile"})
+                                             "compile", "fold"})
     return None if key is None else (tuple(key), tuple(sorted(env.items())), model_of(name))
 
 

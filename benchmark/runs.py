@@ -56,7 +56,8 @@ def child_forward(spec):
     import inference
     device = torch.device(spec["device"])
     generator, _ = inference.load_generator(spec["checkpoint"], device)
-    generator = inference.optimize_generator(generator, spec["channels_last"], spec["compile"])
+    generator = inference.optimize_generator(generator, spec["channels_last"], spec["compile"],
+                                             precision=spec["precision"], fold=spec["fold"])
     results = {}
     for batch_size in spec["batch_sizes"]:
         x = torch.rand(batch_size, 3, spec["image_size"], spec["image_size"], device=device)

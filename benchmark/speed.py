@@ -144,6 +144,7 @@ def measure_forward(args, workdir, name, rep, env):
     spec = {"checkpoint": str(workdir / f"generator_{model_of(name)}.pth"), "device": args.device,
             "image_size": args.image_size, "channels_last": channels_last,
             "compile": "compile" in name.split("+"), "precision": precision,
+            "fold": bool({"default", "fold"} & set(name.split("+"))),
             "batch_sizes": args.infer_batch_sizes, "warmup": 2, "iterations": args.steps}
     return run_child("forward", spec, run, {**env, **parse_config(name)[2]})["forward"]
 

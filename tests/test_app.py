@@ -23,7 +23,7 @@ from PIL import Image
 
 import app
 from cityscapes import COLORS, PALETTE, nearest_colors
-from inference import Translator, load_generator
+from inference import Translator, load_generator, load_translator
 
 # --- Palette snapping -----------------------------------------------------------------------
 
@@ -325,8 +325,7 @@ def test_paint_generate_undo_in_chromium(trained_checkpoint):
         assert (first == COLORS["car"]).all(axis=-1).mean() > 0.05
         photo = generate(page)
         assert photo.shape == first.shape and not palette_only(photo)
-        generator, config = load_generator(trained_checkpoint)
-        model = Translator(generator, config, "cpu")
+        model, _ = load_translator(trained_checkpoint, "cpu", "fp32")  # as the page loads it
         assert np.array_equal(photo, model.translate([first])[0])  # the model's photo of it
 
         paint(page, [(40, 40), (200, 60)], "sky", brush=64)

@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import tiny_model
 from models import (ModelConfig, PatchDiscriminator, ResizeConv2d, UNetGenerator,
-                    build_discriminator, build_generator, count_parameters)
+                    build_discriminator, build_generator, count_parameters, fold_batch_norm)
 from utils import declared
 
 PAPER = declared(ModelConfig, "paper")  # the paper's networks (the defaults differ since)
@@ -406,3 +406,50 @@ def test_kept_folded_kernel_follows_weight_changes():
     with torch.no_grad():
         assert loaded.equal(module(x)) or (loaded - module(x)).abs().max() < 1e-5
     assert not torch.allclose(doubled, first) and not torch.allclose(loaded, doubled)
+
+
+# --- Batch norm folded into the convolutions, for use -------------------------------------
+
+def trained_looking(generator):
+    """Weights and batch-norm statistics far from their initial values (where folding would
+    hide nothing), in eval mode."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in generator.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                m.weight.normal_(0, m.weight[0].numel() ** -0.5)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return generator.eval()
+
+
+@pytest.mark.parametrize("upsample", ["resize", "transposed"])
+def test_batch_norm_folded_generator_gives_the_same_photos(upsample):
+    """The folded copy computes the eval-mode generator's function to fp32 rounding, has no
+    batch norm left, and leaves the original (its checkpoint) untouched."""
+    generator = trained_looking(small_generator(upsample=upsample))
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    x = torch.rand(2, 3, 32, 64) * 2 - 1
+    with torch.no_grad():
+        photo = generator(x)
+        folded = fold_batch_norm(generator)
+        folded_photo = folded(x)
+    assert photo.std() > 0.05
+    assert (folded_photo - photo).abs().max() < 1e-5
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert all(torch.equal(before[k], v) for k, v in generator.state_dict().items())
+
+
+def test_batch_norm_folding_refuses_a_training_mode_generator():
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batch_norm(small_generator().train())
+
+
+def test_instance_norm_generator_is_left_as_it_is():
+    generator = trained_looking(small_generator(norm="instance"))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(fold_batch_norm(generator)(x), generator(x))

@@ -215,6 +215,36 @@ def test_bf16_and_channels_last_inference_match_fp32(generator_and_inputs):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 4
 
 
+def test_bf16_use_casts_the_batch_norm_folded_weights_once(generator_and_inputs):
+    """For use in bf16 the generator's weights are bf16 already (autocast casts none of them
+    at each call) and batch norm is folded away; its photos stay within bf16 rounding of
+    fp32's. The paper's test mode (batch statistics) keeps the network as trained."""
+    generator, arrays = generator_and_inputs
+    fast = inference.optimize_generator(generator, precision="bf16")
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert {p.dtype for p in generator.parameters()} == {torch.float32}  # the original kept
+    for a, b in zip(translate(generator, arrays), translate(fast, arrays, precision="bf16")):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 4
+    as_trained = inference.optimize_generator(generator, precision="bf16", freeze=False)
+    assert as_trained is generator
+
+
+def test_inference_folds_batch_norm_unless_told_not_to(tmp_path, tiny_checkpoint):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(inputs / "a.png")
+    checkpoint = str(tiny_checkpoint(image_size=32))
+    for name, flags in {"folded": [], "as_trained": ["--no_fold_batch_norm"]}.items():
+        inference.main(["--input_dir", str(inputs), "--output_dir", str(tmp_path / name),
+                        "--model_path", checkpoint, "--input_layout", "labels",
+                        "--precision", "fp32", *flags])
+    folded, as_trained = (np.asarray(Image.open(tmp_path / name / "a.png")).astype(int)
+                          for name in ("folded", "as_trained"))
+    assert np.abs(folded - as_trained).max() <= 1  # fp32 rounding, at most one level
+
+
 def test_inference_compile_flag_compiles_and_freezes(tmp_path, tiny_checkpoint, monkeypatch):
     import torch._inductor.config as inductor_config
     compiled = []
