@@ -12,11 +12,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from cityscapes import NUM_TRAIN_IDS
 from dataset import DIRECTIONS, LABEL_SIDES, LAYOUTS
 from devices import CHANNELS_LAST_CHOICES, PRECISIONS, add_channels_last_flag
-from labelmaps import LABEL_FORMATS
+from labelmaps import LABEL_FORMATS, in_cityscapes_colours
 from models import ModelConfig
 from utils import RUNS_DIR, UserError, declared, option
 
-GAN_LOSSES = ("bce", "lsgan", "hinge", "oasis")
+GAN_LOSSES = ("auto", "bce", "lsgan", "hinge", "oasis")
 RUN_NAME = re.compile(r"[\w.-]+")
 CACHE_MODES = ("auto", "on", "off")
 
@@ -72,10 +72,11 @@ class TrainConfig:
     beta2: float = option(0.999, "Adam beta2", minimum=0, paper=0.999)
     lambda_l1: float = option(100.0, "weight of the L1 term in the generator loss", minimum=0,
                               paper=100.0)
-    gan_loss: str = option("hinge", "adversarial loss: BCE on logits (paper), least squares, "
-                           "hinge, or oasis: D segments the photo alone into 'fake' and the 19 "
-                           "Cityscapes classes, class-balanced (Schoenfeld et al. 2021)",
-                           GAN_LOSSES, paper="bce")
+    gan_loss: str = option("auto", "adversarial loss: oasis, D segments the photo alone into "
+                           "'fake' and the 19 Cityscapes classes, class-balanced (Schoenfeld et "
+                           "al. 2021); hinge; least squares; BCE on logits (paper). auto: oasis "
+                           "where the training label maps are drawn in the Cityscapes colours, "
+                           "else hinge", GAN_LOSSES, paper="bce", legacy="hinge")
     ema_decay: float = option(0.999, "exponential moving average of the generator's weights, "
                               "used for validation, samples and generator.pth (0: off; e.g. "
                               "0.999)", minimum=0, paper=0.0, legacy=0.0)
@@ -171,6 +172,15 @@ class TrainConfig:
             check_size(self.model_config())
         except ValueError as e:
             raise UserError(str(e)) from None
+
+    def decide_gan_loss(self, label_maps):
+        """`gan_loss` as this run will use it: `auto` decided on a sample of the training
+        label maps ((H, W, 3) uint8): oasis where they are drawn in the Cityscapes colours
+        (its classes are read off them) and the direction is label2photo, hinge otherwise."""
+        if self.gan_loss != "auto":
+            return self.gan_loss
+        cityscapes = self.direction == "label2photo" and in_cityscapes_colours(label_maps)
+        return "oasis" if cityscapes else "hinge"
 
     def model_config(self):
         shared = {f.name: getattr(self, f.name) for f in fields(ModelConfig)

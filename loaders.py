@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from dataset import PairDataset
+from dataset import PairDataset, find_pairs, load_pair
+from labelmaps import SAMPLE_FILES
 from utils import UserError
 
 
@@ -63,10 +64,24 @@ def split_folder(config, split):
     return Path(config.data_dir) / split
 
 
-def build_train_loader(config, runtime):
+def train_folder(config):
     folder = split_folder(config, "train")
     if not folder.is_dir():
         raise UserError(f"{folder}: not found; --data_dir must hold train/ and val/ folders")
+    return folder
+
+
+def training_label_maps(config, count=SAMPLE_FILES):
+    """Up to `count` label maps of the training split, (H, W, 3) uint8 as read from disk,
+    spread evenly over it (consecutive files are often frames of one drive), read one at a
+    time as they are asked for."""
+    pairs = find_pairs(train_folder(config), config.layout, config.label_side)[0]
+    for pair in pairs[::max(1, len(pairs) // count)][:count]:
+        yield load_pair(pair, config.label_format)[0]
+
+
+def build_train_loader(config, runtime):
+    folder = train_folder(config)
     dataset = PairDataset(folder, image_size=config.image_size, load_size=config.load_size,
                           train=True, crop=config.crop, flip=config.flip,
                           direction=config.direction, layout=config.layout,

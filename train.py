@@ -28,7 +28,8 @@ from checkpoints import (CheckpointWriter, Progress, load_resume_state, restore_
 from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_for_resume,
                     run_paths)
 from ema import GeneratorEMA, calibration_indices
-from loaders import build_train_loader, build_val_dataset, fixed_batch, total_steps
+from loaders import (build_train_loader, build_val_dataset, fixed_batch, total_steps,
+                     training_label_maps)
 from losses import discriminator_loss, generator_loss, layout_classes
 from models import build_discriminator, build_generator
 from run_folder import RunLock, claim_outputs, outputs_in_data, resume_command
@@ -252,6 +253,14 @@ def _train(config, runtime, resume_from, overwrite):
                                                              "log_file")):
         if runtime.is_main:  # fail now, not after the first hour of training
             make_folder(folder, flag)
+
+    # `--gan_loss auto` decided on the training label maps, before D is built (OASIS's D has
+    # a head per class); part of the run's configuration from here on (a resume keeps it).
+    gan_loss = config.decide_gan_loss(training_label_maps(config))
+    if runtime.is_main and gan_loss != config.gan_loss:
+        print(f"adversarial loss: {gan_loss} (--gan_loss auto: the training label maps are "
+              f"{'' if gan_loss == 'oasis' else 'not '}drawn in the Cityscapes colours)")
+    config = replace(config, gan_loss=gan_loss)
 
     # Networks and optimisers: identical initial weights on every process.
     torch.manual_seed(config.seed)

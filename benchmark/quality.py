@@ -56,8 +56,11 @@ from utils import psnr, to_uint8, to_unit_range
 # Each lever alone over the paper's configuration, then combinations.
 CONFIGS = {
     "paper": {},
-    "default": {"preset": "default"},  # today's defaults (config.TrainConfig)
+    # Today's defaults (config.TrainConfig): on CamVid's Cityscapes-coloured label maps
+    # `--gan_loss auto` trains OASIS's discriminator, so "default" is "oasis" there.
+    "default": {"preset": "default"},
     "oasis": {"preset": "default", "gan_loss": "oasis"},
+    "default+hinge": {"preset": "default", "gan_loss": "hinge"},  # the default until 2026-12-03
     "ema": {"ema_decay": 0.999},
     "resize": {"upsample": "resize"},
     "hinge": {"gan_loss": "hinge"},

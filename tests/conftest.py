@@ -173,7 +173,9 @@ def write_checkpoint(path, image_size=32, latest=False, seed=0, **options):
     from training_log import LossMeter
 
     torch.manual_seed(seed)
-    config = TrainConfig(**{**TINY_MODEL, "image_size": image_size, **options})
+    # A trained run's configuration holds the adversarial loss decided on its data, never auto.
+    config = TrainConfig(**{**TINY_MODEL, "image_size": image_size, "gan_loss": "hinge",
+                            **options})
     generator = build_generator(config.model_config())
     if latest:
         discriminator = build_discriminator(config.model_config())

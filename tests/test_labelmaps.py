@@ -16,12 +16,13 @@ from PIL import Image
 import dataset
 import inference
 import train
-from cityscapes import COLORS, LABEL_IDS, LABELS
+from cityscapes import COLORS, LABEL_IDS, LABELS, NUM_TRAIN_IDS
 from config import merge_for_resume
-from conftest import REPO, run_in_process, tiny_config
+from conftest import CAMVID, REPO, run_in_process, tiny_config
 from dataset import PairDataset, find_pairs, read_rgb
 from demo.data import real_profile_pair, save_real_profile_jpeg
-from labelmaps import colorize_ids, decide_half, detect_label_side, distinct_colors, profile
+from labelmaps import (colorize_ids, decide_half, detect_label_side, distinct_colors,
+                       in_cityscapes_colours, profile)
 from utils import UserError
 
 # ../shared/CITYSCAPES.md, measured on 100 files of the real set: (photo range, label range).
@@ -314,3 +315,56 @@ def test_inference_translates_id_maps_as_their_colour_maps(tmp_path, tiny_checkp
         assert status == 0, err
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out_colour" / "x.png")),
                           np.asarray(Image.open(tmp_path / "out_ids" / "x.png")))
+
+
+# --- Which adversarial loss `--gan_loss auto` picks -----------------------------------------
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_real_profile_label_maps_count_as_cityscapes_colours(real_sets, kind):
+    """The JPEG label halves of the real set's profile (ringing, blended borders, the busiest
+    too) are in the Cityscapes colours; their photo halves, the darkest too, are not."""
+    photos, labels = zip(*halves(real_sets / kind))
+    assert in_cityscapes_colours(labels)
+    assert not in_cityscapes_colours(photos)
+
+
+def test_label_maps_in_other_colours_do_not_count():
+    labels = [255 - real_profile_pair(np.random.default_rng(k), 256)[0][..., [2, 0, 1]]
+              for k in range(4)]
+    assert not in_cityscapes_colours(labels)
+    assert not in_cityscapes_colours([])
+
+
+@pytest.mark.skipif(not (CAMVID / "train").is_dir(), reason="needs ../shared/camvid")
+def test_real_camvid_label_maps_count_as_cityscapes_colours():
+    """Real street photos with hand-made labels drawn in the Cityscapes palette, JPEG."""
+    files = sorted((CAMVID / "train").glob("*.jpg"))[::23][:16]
+    pairs = [np.split(np.asarray(Image.open(f).convert("RGB")), 2, axis=1) for f in files]
+    assert in_cityscapes_colours([label for photo, label in pairs])
+    assert not in_cityscapes_colours([photo for photo, label in pairs])
+
+
+@pytest.mark.parametrize("recoloured, flags, expected", [
+    (False, {}, "oasis"), (True, {}, "hinge"), (False, {"gan_loss": "hinge"}, "hinge"),
+    (False, {"direction": "photo2label"}, "hinge")])
+def test_training_decides_the_adversarial_loss_on_the_label_maps(tmp_path, capsys, recoloured,
+                                                                flags, expected):
+    """`auto` trains OASIS's segmenting discriminator on Cityscapes-coloured label maps and
+    hinge on label maps in colours of their own (or photo -> label); the decision is saved with
+    the run, and an explicit --gan_loss is kept."""
+    for split, count in (("train", 4), ("val", 1)):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for k in range(count):
+            label, photo = real_profile_pair(np.random.default_rng([k, count]), 64)
+            if recoloured:
+                label = 255 - label[..., [2, 0, 1]]
+            save_real_profile_jpeg(np.concatenate([photo, label], axis=1),
+                                   tmp_path / "data" / split / f"{k}.jpg")
+    config = tiny_config(tmp_path / "run", tmp_path / "data", image_size=32, max_steps=1,
+                         epochs=1, label_side="right", **flags)
+    train.train(config)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "latest.pth", weights_only=False)
+    assert saved["config"]["gan_loss"] == expected
+    head = saved["discriminator"]["layers.head.weight"]
+    assert head.shape[0] == (NUM_TRAIN_IDS + 1 if expected == "oasis" else 1)
+    assert (f"adversarial loss: {expected}" in capsys.readouterr().out) == ("gan_loss" not in flags)

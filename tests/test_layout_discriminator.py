@@ -5,14 +5,17 @@ photo to be segmented as its label map says."""
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import losses
 import train
-from cityscapes import COLORS, NUM_TRAIN_IDS
+from cityscapes import COLORS, IGNORE_ID, NUM_TRAIN_IDS, decode_train_ids
 from config import TrainConfig
 from conftest import tiny_config
+from demo.data import real_profile_pair, save_real_profile_jpeg
 from models import ModelConfig, build_discriminator
 from checkpoints import load_checkpoint
 
@@ -29,6 +32,23 @@ def test_layout_classes_are_one_plus_the_train_id_and_void_or_blur_is_ignored():
     classes = losses.layout_classes(label)
     ignored = losses.IGNORED_CLASS
     assert classes.tolist() == [[[1, 14, ignored], [11, 1, ignored]]]  # road 0, car 13, sky 10
+
+
+def test_layout_classes_follow_the_one_nearest_colour_rule_on_jpeg_label_maps(tmp_path):
+    """On label maps with the real set's profile (JPEG rings, blended borders: thousands of
+    distinct colours), the training targets are cityscapes.decode_train_ids's, pixel for pixel."""
+    maps = []
+    for k in range(3):
+        label, _ = real_profile_pair(np.random.default_rng(k), 64)
+        save_real_profile_jpeg(label, tmp_path / f"{k}.jpg")
+        maps.append(np.asarray(Image.open(tmp_path / f"{k}.jpg").convert("RGB")))
+    batch = torch.tensor(np.stack(maps)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    expected = np.stack([decode_train_ids(m).astype(np.int64) for m in maps])
+    expected = np.where(expected == IGNORE_ID, losses.IGNORED_CLASS, expected + 1)
+    classes = losses.layout_classes(batch).numpy()
+    assert len(np.unique(np.stack(maps).reshape(-1, 3), axis=0)) > 500
+    assert (classes == losses.IGNORED_CLASS).mean() > 0.01  # blurred borders are ignored
+    assert np.array_equal(classes, expected)
 
 
 def test_the_class_balanced_loss_makes_a_rare_class_weigh_as_much_as_a_common_one():

@@ -23,9 +23,9 @@ def poison_generator_loss(monkeypatch, at_step, how, at_poison):
     real = train.generator_loss
     calls = []
 
-    def generator_loss(fake_logits, fake, target, lambda_l1, kind="bce"):
+    def generator_loss(fake_logits, fake, target, lambda_l1, kind="bce", **layout):
         calls.append(1)
-        loss, adversarial, l1 = real(fake_logits, fake, target, lambda_l1, kind)
+        loss, adversarial, l1 = real(fake_logits, fake, target, lambda_l1, kind, **layout)
         if len(calls) >= at_step:
             at_poison()
             if how == "loss":
