@@ -397,11 +397,12 @@ def _parse_as(kind):
 def merge_for_resume(saved, given):
     """The checkpoint's configuration with the allowed overrides from the command line.
 
-    The run's first start saved the layout and label half it decided; `auto` given again for
-    them (the first command repeated with --resume) keeps those, it changes nothing.
+    The run's first start saved the layout, label half and adversarial loss it decided; `auto`
+    given again for them (the first command repeated with --resume) keeps those, it changes
+    nothing.
     """
     given = {k: v for k, v in given.items()
-             if not (k in ("layout", "label_side") and v == "auto")}
+             if not (k in ("layout", "label_side", "gan_loss") and v == "auto")}
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE_OVERRIDES and
                      saved.get(k) != v)
     if changed:

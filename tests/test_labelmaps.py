@@ -368,3 +368,8 @@ def test_training_decides_the_adversarial_loss_on_the_label_maps(tmp_path, capsy
     head = saved["discriminator"]["layers.head.weight"]
     assert head.shape[0] == (NUM_TRAIN_IDS + 1 if expected == "oasis" else 1)
     assert (f"adversarial loss: {expected}" in capsys.readouterr().out) == ("gan_loss" not in flags)
+    # The first command repeated with --resume keeps the decided loss; another is refused.
+    assert merge_for_resume(saved["config"], {"gan_loss": "auto"}).gan_loss == expected
+    other = "bce"
+    with pytest.raises(UserError, match="cannot change --gan_loss"):
+        merge_for_resume(saved["config"], {"gan_loss": other})
