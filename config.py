@@ -77,6 +77,9 @@ class TrainConfig:
                            "al. 2021); hinge; least squares; BCE on logits (paper). auto: oasis "
                            "where the training label maps are drawn in the Cityscapes colours, "
                            "else hinge", GAN_LOSSES, paper="bce", legacy="hinge")
+    labelmix: float = option(0.0, "OASIS only: weight of LabelMix, D's consistency on real and "
+                             "fake photos mixed along the label map's classes (OASIS used 10; "
+                             "0: off)", minimum=0)
     ema_decay: float = option(0.999, "exponential moving average of the generator's weights, "
                               "used for validation, samples and generator.pth (0: off; e.g. "
                               "0.999)", minimum=0, paper=0.0, legacy=0.0)

@@ -1,6 +1,6 @@
 """pix2pix's objectives, as pure functions of tensors: the adversarial losses (bce, lsgan,
-hinge, OASIS's per-class one) and D's and G's totals (G adds lambda * L1). train.py's GAN step
-calls them.
+hinge, OASIS's per-class one and its LabelMix regulariser) and D's and G's totals (G adds
+lambda * L1). train.py's GAN step calls them.
 """
 
 import torch
@@ -84,3 +84,24 @@ def oasis_loss(logits, classes, to_classes):
     per_pixel = F.cross_entropy(logits, classes, ignore_index=IGNORED_CLASS, reduction="none")
     return (per_pixel * weights * labelled).sum() / labelled.sum().clamp_min(1)
 
+
+
+def labelmix_mask(classes, generator=None):
+    """(B, H, W) OASIS targets -> (B, 1, H, W) float mask of LabelMix (Schoenfeld et al. 2021):
+    each class of each label map (ignored pixels as one more) drawn 1 or 0 at random, so that
+    the mask's edges are the label map's own."""
+    groups = classes.clamp_min(0)  # IGNORED_CLASS -> 0, the "fake" index no target uses
+    bits = torch.randint(0, 2, (classes.shape[0], int(groups.max()) + 1), generator=generator,
+                         device=classes.device)
+    return bits.gather(1, groups.flatten(1)).view_as(classes)[:, None].float()
+
+
+def labelmix_loss(mixed_logits, real_logits, fake_logits, mask):
+    """LabelMix's consistency: D's logits of the photo mixed by `mask` (real where 1, fake
+    where 0) should be the same mix of its logits of the real and of the fake photo. Logits
+    upsampled to the mask's size, as oasis_loss does; mean squared error."""
+    def full(logits):
+        return F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear",
+                             align_corners=False)
+    expected = mask * full(real_logits) + (1 - mask) * full(fake_logits)
+    return F.mse_loss(full(mixed_logits), expected)

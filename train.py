@@ -30,7 +30,8 @@ from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_f
 from ema import GeneratorEMA, calibration_indices
 from loaders import (build_train_loader, build_val_dataset, fixed_batch, total_steps,
                      training_label_maps)
-from losses import discriminator_loss, generator_loss, layout_classes
+from losses import (discriminator_loss, generator_loss, labelmix_loss, labelmix_mask,
+                    layout_classes)
 from models import build_discriminator, build_generator
 from run_folder import RunLock, claim_outputs, outputs_in_data, resume_command
 from training_log import LOSS_NAMES, LossMeter, RunLog, describe_epoch, save_sample_grid
@@ -116,12 +117,18 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
 
     # The discriminator: (label, real) against (label, fake), the fake detached, in one pass
     # over both batches (batch norm keeps each one's statistics, as two passes would).
+    # LabelMix (OASIS): a third pass over real and fake mixed along the label map's classes.
     nets.discriminator.requires_grad_(True)
+    photos = [target, fake.detach()]
+    if layout and config.labelmix:
+        mask = labelmix_mask(layout["classes"]).to(target.dtype)
+        photos.append(mask * target + (1 - mask) * fake.detach())
     with runtime.autocast():
-        real_logits, fake_logits = nets.discriminator_step(
-            torch.cat([source, source]), torch.cat([target, fake.detach()]), passes=2).chunk(2)
-        d_loss, d_real, d_fake = discriminator_loss(real_logits, fake_logits, config.gan_loss,
-                                                    **layout)
+        logits = nets.discriminator_step(torch.cat([source] * len(photos)), torch.cat(photos),
+                                         passes=len(photos)).chunk(len(photos))
+        d_loss, d_real, d_fake = discriminator_loss(*logits[:2], config.gan_loss, **layout)
+        if len(photos) == 3:
+            d_loss = d_loss + config.labelmix * labelmix_loss(logits[2], *logits[:2], mask)
     scaler.scale(d_loss).backward()
     scaler.step(discriminator_optimizer)
     discriminator_optimizer.zero_grad(set_to_none=True)  # freed now, not kept for a step

@@ -60,6 +60,7 @@ CONFIGS = {
     # `--gan_loss auto` trains OASIS's discriminator, so "default" is "oasis" there.
     "default": {"preset": "default"},
     "oasis": {"preset": "default", "gan_loss": "oasis"},
+    "oasis+labelmix": {"preset": "default", "gan_loss": "oasis", "labelmix": 10.0},
     "default+hinge": {"preset": "default", "gan_loss": "hinge"},  # the default until 2026-12-03
     "ema": {"ema_decay": 0.999},
     "resize": {"upsample": "resize"},

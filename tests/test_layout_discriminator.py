@@ -16,7 +16,7 @@ from cityscapes import COLORS, IGNORE_ID, NUM_TRAIN_IDS, decode_train_ids
 from config import TrainConfig
 from conftest import tiny_config
 from demo.data import real_profile_pair, save_real_profile_jpeg
-from models import ModelConfig, build_discriminator
+from models import ModelConfig, PatchDiscriminator, build_discriminator
 from checkpoints import load_checkpoint
 
 
@@ -99,3 +99,49 @@ def test_an_oasis_run_trains_saves_and_changes_the_generators_update(tmp_path, d
     assert latest["discriminator"]["layers.head.weight"].shape[0] == NUM_TRAIN_IDS + 1
     assert any(not torch.equal(a, weights[1][k]) for k, a in weights[0].items()
                if a.is_floating_point())
+
+
+# --- LabelMix (--labelmix) --------------------------------------------------------------------
+
+def test_labelmix_mask_keeps_each_class_whole_and_draws_both_sides():
+    classes = torch.tensor([[1, 1, 14, 14, 11, 11, losses.IGNORED_CLASS, 3]] * 3)[None]
+    classes = classes.repeat(16, 1, 1)
+    mask = losses.labelmix_mask(classes, torch.Generator().manual_seed(0))
+    assert mask.shape == (16, 1, 3, 8) and set(mask.unique().tolist()) == {0.0, 1.0}
+    for image, mask_of in zip(classes, mask[:, 0]):
+        for c in image.unique():
+            assert mask_of[image == c].unique().numel() == 1  # a class is all real or all fake
+    assert 0 < mask.mean() < 1 and len({tuple(m.flatten().tolist()) for m in mask}) > 1
+
+
+def test_labelmix_loss_is_zero_for_a_consistent_discriminator_and_pulls_towards_it():
+    torch.manual_seed(0)
+    real, fake = torch.randn(2, 20, 8, 8), torch.randn(2, 20, 8, 8)
+    ones, zeros = torch.ones(2, 1, 32, 32), torch.zeros(2, 1, 32, 32)
+    assert losses.labelmix_loss(real, real, fake, ones) < 1e-12   # all real: D(mix) = D(real)
+    assert losses.labelmix_loss(fake, real, fake, zeros) < 1e-12  # all fake: D(mix) = D(fake)
+    mixed = torch.randn(2, 20, 8, 8, requires_grad=True)
+    loss = losses.labelmix_loss(mixed, real, fake, ones)
+    loss.backward()
+    assert loss > 0.5 and (mixed.grad * (mixed - real)).sum() > 0  # descent moves towards D(real)
+
+
+def test_labelmix_adds_a_third_discriminator_pass_only_with_oasis(tmp_path, demo_set,
+                                                                  monkeypatch):
+    passes = []
+    forward = PatchDiscriminator.forward
+
+    def spy(self, label, photo, passes_=1, **kwargs):
+        passes.append(kwargs.get("passes", passes_))
+        return forward(self, label, photo, passes=kwargs.get("passes", passes_))
+    monkeypatch.setattr(PatchDiscriminator, "forward", spy)
+    seen = {}
+    for loss in ("hinge", "oasis"):
+        passes.clear()
+        config = tiny_config(tmp_path / loss, demo_set, epochs=1, max_steps=1, gan_loss=loss,
+                             labelmix=10.0, discriminator_layers=2, ema_decay=0.0)
+        train.train(config)
+        seen[loss] = max(passes)
+        log = (tmp_path / loss / "log.json").read_text()
+        assert "NaN" not in log and "Infinity" not in log
+    assert seen == {"hinge": 2, "oasis": 3}
