@@ -6,7 +6,7 @@ lambda * L1). train.py's GAN step calls them.
 import torch
 import torch.nn.functional as F
 
-from cityscapes import IGNORE_ID, LABELS, MAX_COLOR_DISTANCE, PALETTE
+from cityscapes import IGNORE_ID, LABELS, MAX_COLOR_DISTANCE, NUM_TRAIN_IDS, PALETTE
 
 
 def gan_loss(logits, is_real, kind="bce", for_generator=False, classes=None):
@@ -91,7 +91,9 @@ def labelmix_mask(classes, generator=None):
     each class of each label map (ignored pixels as one more) drawn 1 or 0 at random, so that
     the mask's edges are the label map's own."""
     groups = classes.clamp_min(0)  # IGNORED_CLASS -> 0, the "fake" index no target uses
-    bits = torch.randint(0, 2, (classes.shape[0], int(groups.max()) + 1), generator=generator,
+    # One bit per possible class (1 + the train IDs), not per class present: no read of the
+    # classes back to the host in the training step.
+    bits = torch.randint(0, 2, (classes.shape[0], NUM_TRAIN_IDS + 1), generator=generator,
                          device=classes.device)
     return bits.gather(1, groups.flatten(1)).view_as(classes)[:, None].float()
 
