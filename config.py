@@ -169,6 +169,10 @@ class TrainConfig:
             raise UserError(f"--image_size and --load_size must be at most {MAX_IMAGE_SIZE} "
                             f"and {2 * MAX_IMAGE_SIZE}, got {self.image_size} and "
                             f"{self.load_size}")
+        if self.labelmix and self.gan_loss not in ("oasis", "auto"):
+            raise UserError(f"--labelmix needs OASIS's discriminator (--gan_loss oasis, or auto "
+                            f"on label maps drawn in the Cityscapes colours); this run trains "
+                            f"{self.gan_loss}")
         if self.load_size == 0:
             self.load_size = round(self.image_size * 286 / 256)
         try:

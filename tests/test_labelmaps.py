@@ -344,6 +344,19 @@ def test_real_camvid_label_maps_count_as_cityscapes_colours():
     assert not in_cityscapes_colours([photo for photo, label in pairs])
 
 
+def write_real_profile_set(folder, recoloured):
+    """4 train and 1 val side-by-side JPEGs of the real set's profile, photo left; `recoloured`
+    draws the label maps in colours of their own instead of the Cityscapes palette."""
+    for split, count in (("train", 4), ("val", 1)):
+        (folder / split).mkdir(parents=True)
+        for k in range(count):
+            label, photo = real_profile_pair(np.random.default_rng([k, count]), 64)
+            if recoloured:
+                label = 255 - label[..., [2, 0, 1]]
+            save_real_profile_jpeg(np.concatenate([photo, label], axis=1),
+                                   folder / split / f"{k}.jpg")
+
+
 @pytest.mark.parametrize("recoloured, flags, expected", [
     (False, {}, "oasis"), (True, {}, "hinge"), (False, {"gan_loss": "hinge"}, "hinge"),
     (False, {"direction": "photo2label"}, "hinge")])
@@ -352,14 +365,7 @@ def test_training_decides_the_adversarial_loss_on_the_label_maps(tmp_path, capsy
     """`auto` trains OASIS's segmenting discriminator on Cityscapes-coloured label maps and
     hinge on label maps in colours of their own (or photo -> label); the decision is saved with
     the run, and an explicit --gan_loss is kept."""
-    for split, count in (("train", 4), ("val", 1)):
-        (tmp_path / "data" / split).mkdir(parents=True)
-        for k in range(count):
-            label, photo = real_profile_pair(np.random.default_rng([k, count]), 64)
-            if recoloured:
-                label = 255 - label[..., [2, 0, 1]]
-            save_real_profile_jpeg(np.concatenate([photo, label], axis=1),
-                                   tmp_path / "data" / split / f"{k}.jpg")
+    write_real_profile_set(tmp_path / "data", recoloured)
     config = tiny_config(tmp_path / "run", tmp_path / "data", image_size=32, max_steps=1,
                          epochs=1, label_side="right", **flags)
     train.train(config)
@@ -373,3 +379,14 @@ def test_training_decides_the_adversarial_loss_on_the_label_maps(tmp_path, capsy
     other = "bce"
     with pytest.raises(UserError, match="cannot change --gan_loss"):
         merge_for_resume(saved["config"], {"gan_loss": other})
+
+
+def test_labelmix_is_refused_where_auto_chooses_hinge(tmp_path):
+    """LabelMix needs OASIS's discriminator: label maps in colours of their own make `auto`
+    choose hinge, and the run stops in one line before it trains or saves anything."""
+    write_real_profile_set(tmp_path / "data", recoloured=True)
+    config = tiny_config(tmp_path / "run", tmp_path / "data", image_size=32, max_steps=1,
+                         epochs=1, label_side="right", labelmix=10.0)
+    with pytest.raises(UserError, match="--labelmix needs OASIS.*trains hinge"):
+        train.train(config)
+    assert not (tmp_path / "run" / "checkpoints" / "latest.pth").exists()

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -18,6 +19,7 @@ from conftest import tiny_config
 from demo.data import real_profile_pair, save_real_profile_jpeg
 from models import ModelConfig, PatchDiscriminator, build_discriminator
 from checkpoints import load_checkpoint
+from utils import UserError
 
 
 def label_map(colours):
@@ -126,8 +128,8 @@ def test_labelmix_loss_is_zero_for_a_consistent_discriminator_and_pulls_towards_
     assert loss > 0.5 and (mixed.grad * (mixed - real)).sum() > 0  # descent moves towards D(real)
 
 
-def test_labelmix_adds_a_third_discriminator_pass_only_with_oasis(tmp_path, demo_set,
-                                                                  monkeypatch):
+def test_labelmix_adds_a_third_discriminator_pass_and_is_refused_without_oasis(
+        tmp_path, demo_set, monkeypatch):
     passes = []
     forward = PatchDiscriminator.forward
 
@@ -136,12 +138,15 @@ def test_labelmix_adds_a_third_discriminator_pass_only_with_oasis(tmp_path, demo
         return forward(self, label, photo, passes=kwargs.get("passes", passes_))
     monkeypatch.setattr(PatchDiscriminator, "forward", spy)
     seen = {}
-    for loss in ("hinge", "oasis"):
+    for loss, labelmix in (("oasis", 0.0), ("oasis", 10.0)):
         passes.clear()
-        config = tiny_config(tmp_path / loss, demo_set, epochs=1, max_steps=1, gan_loss=loss,
-                             labelmix=10.0, discriminator_layers=2, ema_decay=0.0)
+        config = tiny_config(tmp_path / f"{labelmix}", demo_set, epochs=1, max_steps=1,
+                             gan_loss=loss, labelmix=labelmix, discriminator_layers=2,
+                             ema_decay=0.0)
         train.train(config)
-        seen[loss] = max(passes)
-        log = (tmp_path / loss / "log.json").read_text()
+        seen[labelmix] = max(passes)
+        log = (tmp_path / f"{labelmix}" / "log.json").read_text()
         assert "NaN" not in log and "Infinity" not in log
-    assert seen == {"hinge": 2, "oasis": 3}
+    assert seen == {0.0: 2, 10.0: 3}
+    with pytest.raises(UserError, match="--labelmix needs OASIS.*trains hinge"):
+        tiny_config(tmp_path / "hinge", demo_set, gan_loss="hinge", labelmix=10.0)
