@@ -40,17 +40,46 @@ def _transposed_conv(c_in, c_out, bias):
 _FOLD_1D = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
 
 
+def _fold_matrix(like):
+    """(16, 9): the 4x4 taps of the transposed convolution as sums of the 3x3 taps."""
+    fold_1d = torch.tensor(_FOLD_1D, dtype=like.dtype, device=like.device)
+    return torch.kron(fold_1d, fold_1d)
+
+
 def fold_resize_kernel(weight):
     """The 3x3 kernel of "nearest 2x, then a 3x3 convolution (padding 1)" as the 4x4 kernel of
     the stride-2 transposed convolution (padding 1) that computes the same function:
     (C_out, C_in, 3, 3) -> (C_in, C_out, 4, 4). One small matrix product, kept in the weight's
     own dtype under autocast (the convolution rounds the folded sums once, not each tap)."""
-    fold_1d = torch.tensor(_FOLD_1D, dtype=weight.dtype, device=weight.device)
-    fold_2d = torch.kron(fold_1d, fold_1d)  # (16, 9)
     c_out, c_in = weight.shape[:2]
     with torch.autocast(weight.device.type, enabled=False):
-        folded = weight.transpose(0, 1).reshape(c_in * c_out, 9) @ fold_2d.t()
+        folded = weight.transpose(0, 1).reshape(c_in * c_out, 9) @ _fold_matrix(weight).t()
     return folded.view(c_in, c_out, 4, 4)
+
+
+def tap_matrix(weight):
+    """(C_out, C_in, 3, 3) -> (C_out * 9, C_in): row (o, ky, kx) is tap (ky, kx) of output
+    channel o, for one matrix product of every input pixel with every tap."""
+    return weight.permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
+
+
+def resize_conv_by_taps(x, taps, bias):
+    """"Nearest 2x, then a 3x3 convolution" computed at the input's resolution: one matrix
+    product gives each input pixel times each of the 9 taps (a quarter of the multiply-adds
+    of convolving the upsampled input, 9/16 of the transposed convolution's), the 9 products
+    are summed into the transposed convolution's 16 (`_FOLD_1D`; C_out * 144 per pixel, not
+    C_in * C_out), and col2im adds each into its 4x4 window of the output.
+    `taps` is `tap_matrix(weight)`; x (B, C_in, H, W) -> (B, C_out, 2H, 2W)."""
+    batch, c_in, height, width = x.shape
+    c_out = taps.shape[0] // 9
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, c_in)  # (B*H*W, C_in), a view if channels-last
+    products = F.linear(pixels, taps).view(-1, c_out, 9)
+    windows = (products @ _fold_matrix(products).t()).view(batch, height * width, c_out * 16)
+    out = F.fold(windows.transpose(1, 2), (2 * height, 2 * width), kernel_size=4, stride=2,
+                 padding=1)  # (B, C_out, 2H, 2W)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)  # the network's own format
+    return out if bias is None else out + bias.view(1, -1, 1, 1).to(out.dtype)
 
 
 class ResizeConv2d(nn.Module):
@@ -58,43 +87,53 @@ class ResizeConv2d(nn.Module):
     the same number of input pixels, so there is no checkerboard for the network to unlearn.
 
     The 3x3 convolution `conv` holds the parameters (state-dict keys `conv.weight`,
-    `conv.bias`), but the forward pass runs it as a 4x4 stride-2 transposed convolution with
-    the folded kernel (`fold_resize_kernel`): the same function for 16 instead of 36
-    multiply-adds per input pixel and channel pair (2.25x fewer), and no upsampled copy of the
-    input. Below `min_folded_area` input pixels the plain computation runs instead: there the
-    work is the weights' (the folded kernel has 16/9 as many) rather than the pixels', and the
-    plain path was measured faster on the CPU (docs/performance.md). `min_folded_area = None`
-    always computes it the plain way; 1 always folds.
+    `conv.bias`), but the upsampled input is never made. Inputs of up to `max_tap_area` pixels
+    (the U-Net's deep levels, 512-1024 channels, where the work is the weights' rather than the
+    pixels') multiply each input pixel by the 9 taps in one matrix product and add the
+    products into place (`resize_conv_by_taps`); larger inputs run a 4x4 stride-2 transposed
+    convolution with the folded kernel (`fold_resize_kernel`). The same function for a
+    quarter and 4/9 of the plain computation's multiply-adds, each measured the faster where
+    it runs (docs/performance.md). `computation` forces "taps", "transposed" or "plain"
+    (nearest 2x, then the convolution: the reference the tests compare with).
     """
 
-    # Inputs of 16x16 and more fold; at 256x256 the U-Net's four deepest levels (1x1 to 8x8,
-    # 512-1024 channels) stay plain: 13.9 GFLOP per forward instead of 12.2 when all fold, but
-    # measured 7 % (fp32) to 20 % (bf16) faster in training and 10-35 % in inference.
-    min_folded_area = 256
+    # Inputs of up to 8x8: at 256x256 the U-Net's four deepest levels (1x1 to 8x8 inputs).
+    max_tap_area = 64
+    computation = "auto"
 
     def __init__(self, c_in, c_out, bias):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
-        self._folded = None  # (weight's identity and version, its folded kernel): no-grad use
+        self._prepared = {}  # kind -> (weight's identity and version, its prepared form)
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, 2H, 2W)
-        # A traced graph (torch.compile, export) takes one path for every size: the folded.
-        small = not torch.compiler.is_compiling() and \
-            x.shape[-2] * x.shape[-1] < (self.min_folded_area or 0)
-        if self.min_folded_area is None or small:
+        computation = self.computation
+        if computation == "auto":
+            # A traced graph (torch.compile, export) takes one path for every size.
+            small = not torch.compiler.is_compiling() and \
+                x.shape[-2] * x.shape[-1] <= self.max_tap_area
+            computation = "taps" if small else "transposed"
+        if computation == "plain":
             return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-        return F.conv_transpose2d(x, self.folded_kernel(), self.conv.bias, stride=2, padding=1)
+        if computation == "taps":
+            return resize_conv_by_taps(x, self.prepared(tap_matrix), self.conv.bias)
+        return F.conv_transpose2d(x, self.prepared(fold_resize_kernel), self.conv.bias,
+                                  stride=2, padding=1)
 
     def folded_kernel(self):
-        """The folded kernel; without gradients (inference, validation) folded once and kept
-        until the weight changes, so translating costs only the convolutions."""
+        return self.prepared(fold_resize_kernel)
+
+    def prepared(self, form):
+        """`form(weight)`; without gradients (inference, validation) made once and kept until
+        the weight changes, so translating costs only the products."""
         weight = self.conv.weight
         if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
-            return fold_resize_kernel(weight)  # (a compiled graph folds constants itself)
+            return form(weight)  # (a compiled graph folds constants itself)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if self._folded is None or self._folded[0] != key:
-            self._folded = (key, fold_resize_kernel(weight.detach()))
-        return self._folded[1]
+        kept = self._prepared.get(form.__name__)
+        if kept is None or kept[0] != key:
+            kept = self._prepared[form.__name__] = (key, form(weight.detach()))
+        return kept[1]
 
 
 def _resize_conv(c_in, c_out, bias):
