@@ -176,11 +176,17 @@ def child_profile(spec):
                         "step_s": window_s}}
 
 
+# The resize-convolution's deep levels run as matrix products and col2im (models.py
+# `resize_conv_by_taps`): convolution work too. The networks have no other matrix products.
+TAP_PRODUCT_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::col2im", "aten::im2col"}
+
+
 def time_by_kind(events, on_gpu, steps):
-    """Seconds per step in convolutions and in optimiser steps (GPU time on a GPU)."""
+    """Seconds per step in convolutions (with the tap products) and in optimiser steps (GPU
+    time on a GPU)."""
     seconds = {"convolution_s": 0.0, "optimizer_s": 0.0}
     for event in events:
-        if "conv" in event.key:  # aten::convolution_backward, mkldnn/cudnn convolutions...
+        if "conv" in event.key or event.key in TAP_PRODUCT_OPS:  # mkldnn/cudnn convolutions...
             seconds["convolution_s"] += (event.self_device_time_total if on_gpu
                                          else event.self_cpu_time_total) / 1e6 / steps
         elif event.key.startswith("Optimizer.step#"):
