@@ -65,22 +65,12 @@ def layout_classes(label, max_distance=MAX_COLOR_DISTANCE):
     return torch.where(ignored, IGNORED_CLASS, train_ids + 1)[inverse]
 
 
-OASIS_STRIDE = 4
-
-
 def oasis_loss(logits, classes, to_classes):
     """OASIS's adversarial loss (Schoenfeld et al., ICLR 2021): D's (B, N+1, h, w) logits,
     upsampled to the label size, against `classes` (`to_classes`: D on real photos, and G on
     its fakes) or against class 0, "fake" (D on fakes). The class targets are balanced: each
     class present in the batch weighs as much in total, inverse to its pixel count, so a pole
-    counts as much as the road.
-
-    The loss is taken on every `OASIS_STRIDE`-th label pixel in each direction (while that is
-    still finer than D's grid), not on every one: at 256x256 D's 30x30 logits upsampled to
-    64x64 instead of 256x256, 16x less to upsample, normalise and hold for backward."""
-    stride = max(1, min(OASIS_STRIDE, classes.shape[-2] // logits.shape[-2],
-                        classes.shape[-1] // logits.shape[-1]))
-    classes = classes[..., stride // 2::stride, stride // 2::stride]  # the cells' centres
+    counts as much as the road."""
     logits = F.interpolate(logits.float(), size=classes.shape[-2:], mode="bilinear",
                            align_corners=False)
     if not to_classes:
