@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from dataset import PairDataset, load_pair
+from dataset import PairDataset, find_pairs, load_pair
 from labelmaps import SAMPLE_FILES
 from utils import UserError
 
@@ -71,13 +71,13 @@ def train_folder(config):
     return folder
 
 
-def training_label_maps(dataset, count=SAMPLE_FILES):
-    """Up to `count` label maps of the training PairDataset, (H, W, 3) uint8 as read from
-    disk, spread evenly over it (consecutive files are often frames of one drive), read one
-    at a time as they are asked for."""
-    pairs = dataset.pairs
+def training_label_maps(config, count=SAMPLE_FILES):
+    """Up to `count` label maps of the training split, (H, W, 3) uint8 as read from disk,
+    spread evenly over it (consecutive files are often frames of one drive), read one at a
+    time as they are asked for."""
+    pairs = find_pairs(train_folder(config), config.layout, config.label_side)[0]
     for pair in pairs[::max(1, len(pairs) // count)][:count]:
-        yield load_pair(pair, dataset.label_format)[0]
+        yield load_pair(pair, config.label_format)[0]
 
 
 def build_train_loader(config, runtime):

@@ -63,13 +63,14 @@ def tap_matrix(weight):
     return weight.permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
 
 
-def resize_conv_by_taps(x, taps, bias):
+def resize_conv_by_taps(x, taps, bias, channels_last=False):
     """"Nearest 2x, then a 3x3 convolution" computed at the input's resolution: one matrix
     product gives each input pixel times each of the 9 taps (a quarter of the multiply-adds
     of convolving the upsampled input, 9/16 of the transposed convolution's), the 9 products
     are summed into the transposed convolution's 16 (`_FOLD_1D`; C_out * 144 per pixel, not
     C_in * C_out), and col2im adds each into its 4x4 window of the output.
-    `taps` is `tap_matrix(weight)`; x (B, C_in, H, W) -> (B, C_out, 2H, 2W)."""
+    `taps` is `tap_matrix(weight)`; x (B, C_in, H, W) -> (B, C_out, 2H, 2W), channels-last
+    where x is or `channels_last` asks (a 1x1 input is both formats: the model's decides)."""
     batch, c_in, height, width = x.shape
     c_out = taps.shape[0] // 9
     pixels = x.permute(0, 2, 3, 1).reshape(-1, c_in)  # (B*H*W, C_in), a view if channels-last
@@ -77,7 +78,8 @@ def resize_conv_by_taps(x, taps, bias):
     windows = (products @ _fold_matrix(products).t()).view(batch, height * width, c_out * 16)
     out = F.fold(windows.transpose(1, 2), (2 * height, 2 * width), kernel_size=4, stride=2,
                  padding=1)  # (B, C_out, 2H, 2W)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if channels_last or (x.is_contiguous(memory_format=torch.channels_last) and
+                         not x.is_contiguous()):
         out = out.contiguous(memory_format=torch.channels_last)  # the network's own format
     return out if bias is None else out + bias.view(1, -1, 1, 1).to(out.dtype)
 
@@ -116,12 +118,12 @@ class ResizeConv2d(nn.Module):
         if computation == "plain":
             return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         if computation == "taps":
-            return resize_conv_by_taps(x, self.prepared(tap_matrix), self.conv.bias)
+            weight = self.conv.weight
+            return resize_conv_by_taps(x, self.prepared(tap_matrix), self.conv.bias,
+                                       weight.is_contiguous(memory_format=torch.channels_last)
+                                       and not weight.is_contiguous())
         return F.conv_transpose2d(x, self.prepared(fold_resize_kernel), self.conv.bias,
                                   stride=2, padding=1)
-
-    def folded_kernel(self):
-        return self.prepared(fold_resize_kernel)
 
     def prepared(self, form):
         """`form(weight)`; without gradients (inference, validation) made once and kept until

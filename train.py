@@ -261,18 +261,15 @@ def _train(config, runtime, resume_from, overwrite):
         if runtime.is_main:  # fail now, not after the first hour of training
             make_folder(folder, flag)
 
-    # Data, read once. The layout and label half decided on the training pairs, and
-    # `--gan_loss auto` decided on their label maps before D is built (OASIS's D has a head
-    # per class), are part of the run's configuration from here on: the log, every checkpoint
-    # and the console give the same, and a resume keeps them whatever the folder now holds.
-    loader, sampler = build_train_loader(config, runtime)
-    config = replace(config, layout=loader.dataset.layout,
-                     label_side=loader.dataset.label_side or config.label_side)
-    gan_loss = config.decide_gan_loss(training_label_maps(loader.dataset))
+    # `--gan_loss auto` decided on the training label maps, before D is built (OASIS's D has
+    # a head per class); part of the run's configuration from here on (a resume keeps it and
+    # reads nothing here, so a bad checkpoint is reported before any problem with the data).
+    # NOTE: with auto the loader below lists the folder a second time (under a second).
+    gan_loss = config.decide_gan_loss(training_label_maps(config))
     if runtime.is_main and gan_loss != config.gan_loss:
         print(f"adversarial loss: {gan_loss} (--gan_loss auto: the training label maps are "
               f"{'' if gan_loss == 'oasis' else 'not '}drawn in the Cityscapes colours)")
-    config = replace(config, gan_loss=gan_loss)  # (checked again: --labelmix needs oasis)
+    config = replace(config, gan_loss=gan_loss)  # (TrainConfig refuses --labelmix unless oasis)
 
     # Networks and optimisers: identical initial weights on every process.
     torch.manual_seed(config.seed)
@@ -297,6 +294,12 @@ def _train(config, runtime, resume_from, overwrite):
     meter = LossMeter(runtime.device, running)
     shown = ema.module if ema else generator  # what validation, samples and FID see
 
+    # Data. The layout and label half decided on the training pairs are part of the run's
+    # configuration, logged from here on: the log, every checkpoint and the console give the
+    # same (and a resume reads the same half whatever the detector would say of the folder).
+    loader, sampler = build_train_loader(config, runtime)
+    config = replace(config, layout=loader.dataset.layout,
+                     label_side=loader.dataset.label_side or config.label_side)
     log = RunLog(config, runtime.is_main)
     if resume_from is not None:
         log.resume(progress.step)

@@ -122,7 +122,7 @@ def child_flops(spec):
     generator = build_generator(config.model_config()).eval()
     x = torch.zeros(1, 3, config.image_size, config.image_size)
     with torch.no_grad():
-        generator(x)  # inference's later calls: the resize-convolutions' kernels folded once
+        generator(x)  # inference's later calls: the resize-convolutions' kernels prepared once
         with FlopCounterMode(display=False) as counter:
             generator(x)
     return {"train_step": steps, "generator_forward": counter.get_total_flops()}
