@@ -65,14 +65,18 @@ def layout_classes(label, max_distance=MAX_COLOR_DISTANCE):
     return torch.where(ignored, IGNORED_CLASS, train_ids + 1)[inverse]
 
 
+def to_label_size(logits, size):
+    """D's (B, C, h, w) logits bilinearly upsampled to the label map's (H, W), in fp32."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
 def oasis_loss(logits, classes, to_classes):
     """OASIS's adversarial loss (Schoenfeld et al., ICLR 2021): D's (B, N+1, h, w) logits,
     upsampled to the label size, against `classes` (`to_classes`: D on real photos, and G on
     its fakes) or against class 0, "fake" (D on fakes). The class targets are balanced: each
     class present in the batch weighs as much in total, inverse to its pixel count, so a pole
     counts as much as the road."""
-    logits = F.interpolate(logits.float(), size=classes.shape[-2:], mode="bilinear",
-                           align_corners=False)
+    logits = to_label_size(logits, classes.shape[-2:])
     if not to_classes:
         return F.cross_entropy(logits, torch.zeros_like(classes).masked_fill(
             classes == IGNORED_CLASS, IGNORED_CLASS))
@@ -83,7 +87,6 @@ def oasis_loss(logits, classes, to_classes):
     weights = (labelled.sum() / (present * counts.clamp_min(1)))[classes.clamp_min(0)]
     per_pixel = F.cross_entropy(logits, classes, ignore_index=IGNORED_CLASS, reduction="none")
     return (per_pixel * weights * labelled).sum() / labelled.sum().clamp_min(1)
-
 
 
 def labelmix_mask(classes, generator=None):
@@ -102,8 +105,6 @@ def labelmix_loss(mixed_logits, real_logits, fake_logits, mask):
     """LabelMix's consistency: D's logits of the photo mixed by `mask` (real where 1, fake
     where 0) should be the same mix of its logits of the real and of the fake photo. Logits
     upsampled to the mask's size, as oasis_loss does; mean squared error."""
-    def full(logits):
-        return F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear",
-                             align_corners=False)
-    expected = mask * full(real_logits) + (1 - mask) * full(fake_logits)
-    return F.mse_loss(full(mixed_logits), expected)
+    real, fake, mixed = (to_label_size(logits, mask.shape[-2:])
+                         for logits in (real_logits, fake_logits, mixed_logits))
+    return F.mse_loss(mixed, mask * real + (1 - mask) * fake)
