@@ -72,6 +72,54 @@ def test_the_class_balanced_loss_makes_a_rare_class_weigh_as_much_as_a_common_on
     assert losses.oasis_loss(good, classes, True) < 0.01 < losses.oasis_loss(logits, classes, True)
 
 
+@pytest.mark.parametrize("shape, size", [((2, 20, 30, 30), (256, 256)), ((1, 3, 7, 13), (64, 40)),
+                                         ((1, 2, 1, 1), (5, 3))])
+def test_logits_reach_the_label_size_as_bilinear_interpolation_does(shape, size):
+    """to_label_size computes F.interpolate's bilinear upsampling as matrix products: the same
+    values and gradients, in fp32 even under bf16 autocast."""
+    logits = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(shape[:2] + size, dtype=torch.float64)
+    expected = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    got = losses.to_label_size(logits, size)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)  # fp32 rounding
+    expected_grad, = torch.autograd.grad((expected * weights).sum(), logits)
+    got_grad, = torch.autograd.grad((got * weights).sum(), logits)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = losses.to_label_size(logits.float(), size)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, got, rtol=0, atol=1e-5)
+
+
+def test_the_oasis_loss_is_the_class_balanced_mean_of_per_pixel_cross_entropy():
+    """Against a per-pixel reference: each class present weighs |labelled| / (|present| *
+    its count); ignored pixels weigh nothing; a map with no labelled pixel costs 0."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, NUM_TRAIN_IDS + 1, 9, 11, generator=generator, requires_grad=True)
+    classes = torch.randint(1, 6, (3, 40, 50), generator=generator)
+    classes[0, :7] = losses.IGNORED_CLASS
+    classes[1, :, :3] = 17
+    upsampled = F.interpolate(logits, size=(40, 50), mode="bilinear", align_corners=False)
+    per_pixel = F.cross_entropy(upsampled, classes, reduction="none")
+    labelled = classes != losses.IGNORED_CLASS
+    present, counts = torch.unique(classes[labelled], return_counts=True)
+    weight = torch.zeros(NUM_TRAIN_IDS + 1)
+    weight[present] = labelled.sum() / (len(present) * counts.float())
+    expected = (per_pixel * weight[classes.clamp_min(0)] * labelled).sum() / labelled.sum()
+    got = losses.oasis_loss(logits, classes, to_classes=True)
+    torch.testing.assert_close(got, expected)
+    expected_grad, = torch.autograd.grad(expected, logits)
+    got_grad, = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got_grad, expected_grad)
+    as_fake = F.cross_entropy(upsampled, torch.zeros_like(classes), reduction="none")
+    torch.testing.assert_close(losses.oasis_loss(logits, classes, to_classes=False),
+                               as_fake[labelled].mean())
+    nothing = torch.full_like(classes, losses.IGNORED_CLASS)
+    assert losses.oasis_loss(logits, nothing, True).item() == 0
+    assert losses.oasis_loss(logits, nothing, False).item() == 0
+
+
 def test_the_oasis_discriminator_sees_the_photo_alone_and_gives_a_logit_per_class():
     config = TrainConfig(gan_loss="oasis", discriminator_channels=8, image_size=64)
     assert config.model_config().discriminator_classes == NUM_TRAIN_IDS
