@@ -80,6 +80,11 @@ class TrainConfig:
     labelmix: float = option(0.0, "OASIS only: weight of LabelMix, D's consistency on real and "
                              "fake photos mixed along the label map's classes (OASIS used 10; "
                              "0: off)", minimum=0)
+    segmenter_loss: float = option(0.0, "weight of G's extra loss from a frozen segmenter of real "
+                                   "photos (--segmenter; made by segmentation.py): it should "
+                                   "see in G's photo what the label map says, class-balanced "
+                                   "(0: off)", minimum=0)
+    segmenter: str = option("", "the frozen segmenter file for --segmenter_loss")
     ema_decay: float = option(0.999, "exponential moving average of the generator's weights, "
                               "used for validation, samples and generator.pth (0: off; e.g. "
                               "0.999)", minimum=0, paper=0.0, legacy=0.0)
@@ -173,6 +178,12 @@ class TrainConfig:
             raise UserError(f"--labelmix needs OASIS's discriminator (--gan_loss oasis, or auto "
                             f"on label maps drawn in the Cityscapes colours); this run trains "
                             f"{self.gan_loss}")
+        if self.segmenter_loss and not self.segmenter:
+            raise UserError("--segmenter_loss needs --segmenter FILE (make one with "
+                            "segmentation.py)")
+        if self.segmenter_loss and self.direction != "label2photo":
+            raise UserError("--segmenter_loss segments generated photos by the label maps' "
+                            "Cityscapes colours: it needs --direction label2photo")
         if self.load_size == 0:
             self.load_size = round(self.image_size * 286 / 256)
         try:

@@ -86,25 +86,40 @@ def to_label_size(logits, size):
         return rows @ logits @ columns.T
 
 
+def balanced_cross_entropy(logits, targets):
+    """Cross-entropy of (B, C, H, W) logits against (B, H, W) targets in which each class
+    present weighs as much in total, inverse to its pixel count, so that a pole counts as much
+    as the road; IGNORED_CLASS pixels weigh nothing. The mean weight over the labelled pixels
+    is 1 (the scale of plain cross-entropy); no labelled pixel at all costs 0."""
+    num_classes = logits.shape[1]
+    labelled = targets != IGNORED_CLASS
+    count = labelled.sum().clamp_min(1)
+    # The ignored pixels counted as one more class, then dropped: no read back to the host.
+    counts = torch.bincount(torch.where(labelled, targets, num_classes).flatten(),
+                            minlength=num_classes + 1)[:num_classes].float()
+    present = (counts > 0).sum().clamp_min(1)
+    weight = count / (present * counts.clamp_min(1))
+    return F.cross_entropy(logits.float(), targets, weight=weight, ignore_index=IGNORED_CLASS,
+                           reduction="sum") / count
+
+
 def oasis_loss(logits, classes, to_classes):
     """OASIS's adversarial loss (Schoenfeld et al., ICLR 2021): D's (B, N+1, h, w) logits,
     upsampled to the label size, against `classes` (`to_classes`: D on real photos, and G on
-    its fakes) or against class 0, "fake" (D on fakes). The class targets are balanced: each
-    class present in the batch weighs as much in total, inverse to its pixel count, so a pole
-    counts as much as the road."""
+    its fakes), class-balanced, or against class 0, "fake" (D on fakes)."""
     logits = to_label_size(logits, classes.shape[-2:])
-    labelled = (classes != IGNORED_CLASS).sum().clamp_min(1)
-    if not to_classes:  # every labelled pixel's target is 0, "fake"
-        return F.cross_entropy(logits, classes.clamp_max(0), ignore_index=IGNORED_CLASS,
-                               reduction="sum") / labelled
-    # Class 0 is no pixel's target here: it counts the ignored pixels, which weigh nothing.
-    counts = torch.bincount(classes.clamp_min(0).flatten(), minlength=logits.shape[1]).float()
-    counts[0] = 0
-    present = (counts > 0).sum().clamp_min(1)
-    # Mean weight over the labelled pixels is 1: the loss keeps the scale of plain CE.
-    weight = labelled / (present * counts.clamp_min(1))
-    return F.cross_entropy(logits, classes, weight=weight, ignore_index=IGNORED_CLASS,
-                           reduction="sum") / labelled
+    if to_classes:
+        return balanced_cross_entropy(logits, classes)
+    # Every labelled pixel's target is 0, "fake".
+    return F.cross_entropy(logits, classes.clamp_max(0), ignore_index=IGNORED_CLASS,
+                           reduction="sum") / (classes != IGNORED_CLASS).sum().clamp_min(1)
+
+
+def segmenter_loss(logits, classes):
+    """G's extra term with --segmenter_loss: a frozen segmenter's (B, 19, H, W) train-ID logits
+    on G's photos against the label map's `classes` (layout_classes: 1 + the train ID),
+    class-balanced as OASIS's."""
+    return balanced_cross_entropy(logits, torch.where(classes > 0, classes - 1, IGNORED_CLASS))
 
 
 def labelmix_mask(classes, generator=None):

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from tqdm import tqdm
@@ -30,10 +30,12 @@ from config import (TrainConfig, apply_name, apply_preset, build_parser, merge_f
 from ema import GeneratorEMA, calibration_indices
 from loaders import (build_train_loader, build_val_dataset, fixed_batch, total_steps,
                      training_label_maps)
+from labelmaps import in_cityscapes_colours
 from losses import (discriminator_loss, generator_loss, labelmix_loss, labelmix_mask,
-                    layout_classes)
+                    layout_classes, segmenter_loss)
 from models import build_discriminator, build_generator
 from run_folder import RunLock, claim_outputs, outputs_in_data, resume_command
+from segmentation import load_segmenter
 from training_log import LOSS_NAMES, LossMeter, RunLog, describe_epoch, save_sample_grid
 from utils import UserError, make_folder, one_line, psnr, run_cli
 
@@ -104,14 +106,18 @@ class Networks(NamedTuple):
     generator_step: Callable  # what the step calls: DDP-wrapped and/or compiled
     discriminator_step: Callable
     discriminator_frozen: Callable  # D for the generator's update: no gradients, no DDP sync
+    segmenter: Optional[torch.nn.Module] = None  # --segmenter_loss: frozen, never trained
 
 
 def gan_step(nets, optimizers, scaler, source, target, config, runtime, generator_in_backward):
     """One pix2pix update of D, then G. Returns the losses (g_adv, g_l1, d_real, d_fake) as one
     tensor on the device, unread: reading it would make the CPU wait for the GPU."""
     generator_optimizer, discriminator_optimizer = optimizers
-    # OASIS: the label map's classes are D's and G's targets (passed only then, as a keyword).
-    layout = {"classes": layout_classes(source)} if config.gan_loss == "oasis" else {}
+    # OASIS: the label map's classes are D's and G's targets (passed only then, as a keyword);
+    # with a segmenter, they are its targets on G's photos.
+    oasis = config.gan_loss == "oasis"
+    classes = layout_classes(source) if oasis or nets.segmenter is not None else None
+    layout = {"classes": classes} if oasis else {}
     with runtime.autocast():
         fake = nets.generator_step(source)
 
@@ -138,6 +144,9 @@ def gan_step(nets, optimizers, scaler, source, target, config, runtime, generato
     with runtime.autocast():
         g_loss, g_adv, g_l1 = generator_loss(nets.discriminator_frozen(source, fake), fake,
                                              target, config.lambda_l1, config.gan_loss, **layout)
+        if nets.segmenter is not None:  # (part of G's loss; not one of the logged losses)
+            g_loss = g_loss + config.segmenter_loss * segmenter_loss(nets.segmenter(fake),
+                                                                     classes)
     scaler.scale(g_loss).backward()  # with step_in_backward: G is updated here
     if not generator_in_backward:
         scaler.step(generator_optimizer)
@@ -233,6 +242,18 @@ def saved_on_bad_data(config, runtime, progress, save, meter):
 
 
 
+def frozen_segmenter(config, runtime):
+    """--segmenter_loss's frozen segmenter on the device, or None; it reads its classes off
+    label maps drawn in the Cityscapes colours (OASIS's choice has checked them already)."""
+    if not config.segmenter_loss:
+        return None
+    if config.gan_loss != "oasis" and not in_cityscapes_colours(list(training_label_maps(config))):
+        raise UserError(f"{config.data_dir}: the training label maps are not drawn in the "
+                        "Cityscapes colours, which --segmenter_loss reads its classes off")
+    segmenter = load_segmenter(config.segmenter, runtime.device)
+    return segmenter.to(memory_format=torch.channels_last) if runtime.channels_last else segmenter
+
+
 def train(config: TrainConfig, resume_from=None, overwrite=False):
     """Train with `config`; returns a summary (last step and epoch, final validation numbers).
 
@@ -270,6 +291,7 @@ def _train(config, runtime, resume_from, overwrite):
         print(f"adversarial loss: {gan_loss} (--gan_loss auto: the training label maps are "
               f"{'' if gan_loss == 'oasis' else 'not '}drawn in the Cityscapes colours)")
     config = replace(config, gan_loss=gan_loss)  # (TrainConfig refuses --labelmix unless oasis)
+    segmenter = frozen_segmenter(config, runtime)
 
     # Networks and optimisers: identical initial weights on every process.
     torch.manual_seed(config.seed)
@@ -289,7 +311,7 @@ def _train(config, runtime, resume_from, overwrite):
     if runtime.rank > 0:  # other dropout draws on other processes
         torch.manual_seed(config.seed + 1_000_003 * runtime.rank + progress.step)
     nets = Networks(generator, discriminator, *distributed.wrap(generator, discriminator, config,
-                                                                runtime))
+                                                                runtime), segmenter)
     generator_in_backward = step_in_backward(generator, optimizers[0], config, runtime)
     meter = LossMeter(runtime.device, running)
     shown = ema.module if ema else generator  # what validation, samples and FID see

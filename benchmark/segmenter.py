@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import metrics
 from checkpoints import save_checkpoint
 from cityscapes import NUM_TRAIN_IDS, decode_train_ids
+from segmentation import fit_segmenter
 from utils import to_uint8
 
 SEGMENTER_FORMAT = "pix2pix-quality-segmenter"
@@ -55,23 +56,8 @@ def train_ids_of(labels):
 
 def train_segmenter(photos, train_ids, steps=400, batch_size=8, seed=0, lr=2e-3):
     """A Segmenter fitted to (N, 3, H, W) photos in [-1, 1] and their (N, H, W) train IDs."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    network = Segmenter()
-    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
-    network.train()
-    for _ in range(steps):
-        index = torch.randint(len(photos), (batch_size,), generator=generator)
-        x, y = photos[index], train_ids[index]
-        if torch.rand((), generator=generator) < 0.5:  # flip: streets are left-right symmetric
-            x, y = x.flip(-1), y.flip(-1)
-        loss = F.cross_entropy(network(x), y, ignore_index=255)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return network.eval()
+    return fit_segmenter(Segmenter, photos, train_ids, steps, batch_size, seed, lr,
+                         ignore_index=255)
 
 
 @torch.no_grad()
