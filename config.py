@@ -84,7 +84,8 @@ class TrainConfig:
                                    "photos (--segmenter; made by segmentation.py): it should "
                                    "see in G's photo what the label map says, class-balanced "
                                    "(0: off)", minimum=0)
-    segmenter: str = option("", "the frozen segmenter file for --segmenter_loss")
+    segmenter: str = option("", "the frozen segmenter file for --segmenter_loss (--resume may "
+                            "give its new place)", resumable=True)
     ema_decay: float = option(0.999, "exponential moving average of the generator's weights, "
                               "used for validation, samples and generator.pth (0: off; e.g. "
                               "0.999)", minimum=0, paper=0.0, legacy=0.0)

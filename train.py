@@ -241,13 +241,12 @@ def saved_on_bad_data(config, runtime, progress, save, meter):
                         f"file, then resume with {resume_command(config)}") from None
 
 
-
 def frozen_segmenter(config, runtime):
     """--segmenter_loss's frozen segmenter on the device, or None; it reads its classes off
-    label maps drawn in the Cityscapes colours (OASIS's choice has checked them already)."""
+    label maps drawn in the Cityscapes colours, checked on the training label maps."""
     if not config.segmenter_loss:
         return None
-    if config.gan_loss != "oasis" and not in_cityscapes_colours(list(training_label_maps(config))):
+    if not in_cityscapes_colours(list(training_label_maps(config))):
         raise UserError(f"{config.data_dir}: the training label maps are not drawn in the "
                         "Cityscapes colours, which --segmenter_loss reads its classes off")
     segmenter = load_segmenter(config.segmenter, runtime.device)

@@ -13,7 +13,7 @@ import train
 from benchmark import quality
 from checkpoints import load_checkpoint
 from cityscapes import NUM_TRAIN_IDS
-from conftest import tiny_config
+from conftest import CAMVID, tiny_config
 from test_labelmaps import write_real_profile_set
 from utils import UserError
 
@@ -129,3 +129,17 @@ def test_training_photos_split_by_video_sequence_and_the_judge_gets_vals_drive()
     assert (judged, trained) == (range(30, 67), range(0, 30))
     judged, trained = quality.sequence_split(photos, drives[0][:4])
     assert (judged, trained) == (range(0, 30), range(30, 67))
+
+
+@pytest.mark.skipif(not (CAMVID / "train").is_dir(), reason="../shared/camvid is not here")
+def test_camvids_training_photos_split_into_its_drives_and_the_judge_gets_vals_drive():
+    """CamVid's train split is four drives one after the other; its val photos are a later
+    stretch of the last. The judge's half holds that drive, G's segmenter's half the others,
+    and no drive is cut between them."""
+    _, photos = quality.load_split(CAMVID / "train", 32)
+    _, val_photos = quality.load_split(CAMVID / "val", 32)
+    drives = quality.video_sequences(photos)
+    assert len(drives) == 4 and min(len(d) for d in drives) > 50
+    judged, trained = quality.sequence_split(photos, val_photos)
+    assert judged.stop == len(photos) and trained.start == 0
+    assert trained.stop == judged.start in [d.start for d in drives]
