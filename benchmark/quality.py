@@ -74,8 +74,8 @@ CONFIGS = {
 # batch-norm statistics recomputed for the weights that are scored (generate()).
 TEST_MODES = {"batchstats": ("paper",), "precisebn": ("default", "oasis")}
 METRICS = ("fid", "kid", "pixel_accuracy", "mean_iou", "l1", "psnr", "train_seconds",
-           "edge_error_ratio", "grid_power_ratio", "mean_shift", "std_ratio")
-ARTEFACTS = ("edge_error_ratio", "grid_power_ratio", "mean_shift", "std_ratio")
+           "edge_error_ratio", "edge_detail_ratio", "grid_power_ratio", "mean_shift", "std_ratio")
+ARTEFACTS = ("edge_error_ratio", "edge_detail_ratio", "grid_power_ratio", "mean_shift", "std_ratio")
 LOWER_IS_BETTER = {"fid", "kid", "l1", "train_seconds"}
 
 
@@ -361,6 +361,9 @@ def artefacts(fake, real, edge_columns=None):
         generated / real spread over the channels (below 1: washed out);
       edge_error_ratio: mean |generated - real| in the outermost columns (W/32 each side, at
         least 2) over the middle half's (stripes along the left and right edges: > 1);
+      edge_detail_ratio: the same columns' mean |horizontal difference| (vertical structure)
+        over the real photos', divided by that ratio in the middle half (stripes: > 1; an
+        error from the border's missing context alone, a blur, leaves it at or below 1);
       grid_power_ratio: the share of spectral power on the 2- and 4-pixel periods (rows and
         columns of the 2D spectrum at H/2, H/4, W/2, W/4) in the generated photos over that in
         the real ones (a grid: > 1)."""
@@ -373,6 +376,10 @@ def artefacts(fake, real, edge_columns=None):
     edge = edge_columns or max(2, width // 32)
     edges = torch.cat([profile[:edge], profile[-edge:]]).mean()
     middle = profile[width // 4:width - width // 4].mean()
+    detail = [(x[..., 1:] - x[..., :-1]).abs().mean((0, 1, 2)) for x in (fake, real)]
+    detail_ratio = detail[0] / detail[1].clamp_min(1e-6)  # (W - 1,) per column boundary
+    detail_edges = torch.cat([detail_ratio[:edge], detail_ratio[-edge:]]).mean()
+    detail_middle = detail_ratio[width // 4:width - 1 - width // 4].mean()
     return {"channel_mean": [round(v, 1) for v in ((mean_f + 1) * to_255).tolist()],
             "real_channel_mean": [round(v, 1) for v in ((mean_r + 1) * to_255).tolist()],
             "channel_std": [round(v, 1) for v in (std_f * to_255).tolist()],
@@ -380,6 +387,7 @@ def artefacts(fake, real, edge_columns=None):
             "mean_shift": ((mean_f - mean_r).abs().max() * to_255).item(),
             "std_ratio": (std_f / std_r.clamp_min(1e-6)).min().item(),
             "edge_error_ratio": (edges / middle.clamp_min(1e-6)).item(),
+            "edge_detail_ratio": (detail_edges / detail_middle.clamp_min(1e-6)).item(),
             "grid_power_ratio": grid_share(fake) / max(grid_share(real), 1e-12)}
 
 
@@ -456,8 +464,9 @@ def at_equal_time(runs, tolerance=1.05):
 COLUMNS = {"fid": ("FID", 1, 1), "kid": ("KID x1000", 1000, 1), "pixel_accuracy":
            ("pixel acc", 1, 3), "mean_iou": ("mean IoU", 1, 3), "l1": ("L1", 1, 3),
            "psnr": ("PSNR", 1, 2), "train_seconds": ("train s", 1, 0),
-           "edge_error_ratio": ("edge err ratio", 1, 2), "grid_power_ratio": ("grid power",
-                                                                              1, 2),
+           "edge_error_ratio": ("edge err ratio", 1, 2),
+           "edge_detail_ratio": ("edge detail ratio", 1, 2),
+           "grid_power_ratio": ("grid power", 1, 2),
            "mean_shift": ("mean shift", 1, 1), "std_ratio": ("spread ratio", 1, 2)}
 
 

@@ -82,6 +82,18 @@ def test_artefacts_see_a_cast_edge_stripes_and_a_grid():
     profile = quality.artefacts(striped, real)
     assert profile["edge_error_ratio"] > 3
     assert quality.artefacts(real + 0.05, real)["edge_error_ratio"] == pytest.approx(1.0)
+    assert same["edge_detail_ratio"] == pytest.approx(1.0)
+    smooth = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4), size=(32, 32),
+                                             mode="bilinear") * 1.6 - 0.8
+    comb = torch.tensor([0.2, -0.2, 0.2])  # sharp columns at both edges: stripes
+    combed = smooth.clone()
+    combed[..., :3] += comb
+    combed[..., -3:] += comb
+    assert quality.artefacts(combed, smooth)["edge_detail_ratio"] > 2
+    blurred = real.clone()
+    blurred[..., :2] = real[..., :2].mean(-1, keepdim=True)  # only a blur at the edge
+    blurred[..., -2:] = real[..., -2:].mean(-1, keepdim=True)
+    assert quality.artefacts(blurred, real)["edge_detail_ratio"] < 1
     checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2 * 0.4 - 0.2
     gridded = (real + checker).clamp(-1, 1)
     assert quality.artefacts(gridded, real)["grid_power_ratio"] > 2
