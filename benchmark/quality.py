@@ -150,11 +150,15 @@ def prepare(args, log=print):
     classes = seg.classes_present(train_ids)
     judged, split = range(len(train_photos)), {}
     if any(CONFIGS[c].get("segmenter_loss") for c in args.configs):
-        judged, trained = sequence_split(train_photos, val_photos)
+        if args.data_dir:  # real photos: consecutive frames of drives
+            judged, trained = seg.sequence_split(train_photos, val_photos)
+        else:  # synthetic scenes are independent: halves
+            half = len(train_photos) // 2
+            judged, trained = range(half, len(train_photos)), range(0, half)
         split = {"judge_photos": len(judged), "segmenter_photos": len(trained),
-                 "sequences": [len(s) for s in video_sequences(train_photos)]}
+                 "sequences": [len(s) for s in seg.video_sequences(train_photos)]}
         key = f"{name}:{trained.start}-{trained.stop}:{args.segmenter_steps}"
-        split["segmenter_path"] = layout_segmenter(
+        split["segmenter_path"] = seg.layout_segmenter(
             work / f"layout_segmenter_{name}.pth", key, train_photos[trained],
             train_ids[trained], args.segmenter_steps, log)
         name += "_split"
@@ -175,54 +179,14 @@ def prepare(args, log=print):
               + f", {len(train_photos)} train / {len(val_photos)} val at "
                 f"{args.image_size}x{args.image_size}, {len(classes)} classes scored"
               + (f"; judge trained on {len(judged)} train photos, G's segmenter on the other "
-                 f"{len(train_photos) - len(judged)} (other video sequences)" if split else "")}
+                 f"{len(train_photos) - len(judged)} "
+                 f"({'other video sequences' if args.data_dir else 'other scenes'})"
+                 if split else "")}
     if not args.no_fid:
         shared["inception"] = metrics.load_inception("cpu")
         shared["real_features"] = metrics.inception_features(shared["inception"],
                                                              to_uint8(val_photos), "cpu")
     return shared
-
-
-def video_sequences(photos, spike=1.5):
-    """Index ranges of the runs of consecutive video frames among `photos` (in file order). A
-    cut is a one-frame spike in the mean absolute difference of neighbouring photos (at
-    32x32): above twice its median and `spike` times the largest of the two changes before
-    and after it. A turn or a fast stretch of one drive changes several frames in a row."""
-    small = F.adaptive_avg_pool2d(photos.float(), 32)
-    change = (small[1:] - small[:-1]).abs().mean((1, 2, 3))
-    padded = F.pad(change, (2, 2))
-    around = torch.stack([padded[k:k + len(change)] for k in (0, 1, 3, 4)]).amax(0)
-    cut = (change > 2 * change.median()) & (change > spike * around)
-    bounds = [0, *(torch.nonzero(cut).flatten() + 1).tolist(), len(photos)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-def sequence_split(train_photos, val_photos):
-    """(judge's range, segmenter's range) of the training photos, split at a sequence
-    boundary near the middle: the judge gets the half holding the sequence the val photos are
-    nearest to (CamVid's val is a later stretch of one of its train sequences), G's
-    segmenter the other half. No frame of one half is a neighbour of a frame of the other."""
-    sequences = video_sequences(train_photos)
-    if len(sequences) < 2:
-        raise SystemExit("the training photos are one video sequence: no split by sequence")
-    middle = min((s.start for s in sequences[1:]), key=lambda b: abs(b - len(train_photos) / 2))
-    halves = range(0, middle), range(middle, len(train_photos))
-    small = lambda x: F.adaptive_avg_pool2d(x.float(), 16).flatten(1)  # noqa: E731
-    nearest = torch.cdist(small(val_photos), small(train_photos)).argmin(1)
-    val_in_second = (nearest >= middle).float().mean() > 0.5
-    return (halves[1], halves[0]) if val_in_second else halves
-
-
-def layout_segmenter(path, key, photos, train_ids, steps, log=print):
-    """The path of G's frozen segmenter (segmentation.py's network, not the judge's) trained
-    on `photos`, cached at `path` for `key`."""
-    from segmentation import ContextSegmenter, fit_segmenter, save_segmenter
-    if path.is_file() and torch.load(path, weights_only=True).get("trained_on") == key:
-        return str(path)
-    log(f"training G's segmenter ({steps} steps on {len(photos)} photos)...")
-    network = fit_segmenter(ContextSegmenter, photos, train_ids, steps, ignore_index=255)
-    save_segmenter(network, path, trained_on=key)
-    return str(path)
 
 
 def judge_probes(judge, photos, ids, classes, painted):

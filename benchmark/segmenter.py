@@ -6,6 +6,10 @@ No pretrained weights are available offline, so the benchmark trains its own: a 
 encoder-decoder (three stride-2 levels, a skip from half resolution, logits upsampled
 bilinearly; sized to train in minutes on two CPU cores), cached next to the data it was trained
 on. Its score on the real val photos is the upper bound a generated photo can reach.
+
+When a configuration trains G against a segmenter of its own (--segmenter_loss), the judge
+and that segmenter are trained on different video sequences of the training photos
+(sequence_split), so that the benchmark never trains G against its own judge.
 """
 
 import time
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 import metrics
 from checkpoints import save_checkpoint
 from cityscapes import NUM_TRAIN_IDS, decode_train_ids
-from segmentation import fit_segmenter
+from segmentation import ContextSegmenter, fit_segmenter, save_segmenter
 from utils import to_uint8
 
 SEGMENTER_FORMAT = "pix2pix-quality-segmenter"
@@ -107,3 +111,47 @@ def cached_segmenter(path, key, train_photos, train_ids, steps=400, log=print):
     save_checkpoint({"format": SEGMENTER_FORMAT, "key": key,
                      "weights": network.state_dict()}, path)
     return network, seconds
+
+
+# --- Keeping the judge apart from what G trains against -------------------------------------
+
+def video_sequences(photos, spike=1.5):
+    """Index ranges of the runs of consecutive video frames among `photos` (in file order). A
+    cut is a one-frame spike in the mean absolute difference of neighbouring photos (at
+    32x32): above twice its median and `spike` times the largest of the two changes before
+    and after it. A turn or a fast stretch of one drive changes several frames in a row."""
+    small = F.adaptive_avg_pool2d(photos.float(), 32)
+    change = (small[1:] - small[:-1]).abs().mean((1, 2, 3))
+    padded = F.pad(change, (2, 2))
+    around = torch.stack([padded[k:k + len(change)] for k in (0, 1, 3, 4)]).amax(0)
+    cut = (change > 2 * change.median()) & (change > spike * around)
+    bounds = [0, *(torch.nonzero(cut).flatten() + 1).tolist(), len(photos)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def sequence_split(train_photos, val_photos):
+    """(judge's range, segmenter's range) of the training photos, split at a sequence
+    boundary near the middle: the judge gets the half holding the sequence the val photos are
+    nearest to (CamVid's val is a later stretch of one of its train sequences), G's
+    segmenter the other half. No frame of one half is a neighbour of a frame of the other."""
+    sequences = video_sequences(train_photos)
+    if len(sequences) < 2:
+        raise SystemExit("the training photos hold one video sequence: the judge and G's "
+                         "segmenter cannot be trained on different ones")
+    middle = min((s.start for s in sequences[1:]), key=lambda b: abs(b - len(train_photos) / 2))
+    halves = range(0, middle), range(middle, len(train_photos))
+    small = lambda x: F.adaptive_avg_pool2d(x.float(), 16).flatten(1)  # noqa: E731
+    nearest = torch.cdist(small(val_photos), small(train_photos)).argmin(1)
+    val_in_second = (nearest >= middle).float().mean() > 0.5
+    return (halves[1], halves[0]) if val_in_second else halves
+
+
+def layout_segmenter(path, key, photos, train_ids, steps, log=print):
+    """The path of G's frozen segmenter (segmentation.py's network, not the judge's) trained
+    on `photos`, cached at `path` for `key`."""
+    if path.is_file() and torch.load(path, weights_only=True).get("trained_on") == key:
+        return str(path)
+    log(f"training G's segmenter ({steps} steps on {len(photos)} photos)...")
+    network = fit_segmenter(ContextSegmenter, photos, train_ids, steps, ignore_index=255)
+    save_segmenter(network, path, trained_on=key)
+    return str(path)

@@ -11,6 +11,7 @@ import losses
 import segmentation
 import train
 from benchmark import quality
+from benchmark import segmenter as seg
 from checkpoints import load_checkpoint
 from cityscapes import NUM_TRAIN_IDS
 from conftest import CAMVID, tiny_config
@@ -123,11 +124,11 @@ def test_training_photos_split_by_video_sequence_and_the_judge_gets_vals_drive()
     generator = torch.Generator().manual_seed(0)
     drives = [drive(generator, n, shift) for n, shift in ((30, -0.3), (12, 0.0), (25, 0.3))]
     photos = torch.cat(drives)
-    assert [len(r) for r in quality.video_sequences(photos)] == [30, 12, 25]
+    assert [len(r) for r in seg.video_sequences(photos)] == [30, 12, 25]
     later_stretch_of_third = drives[2][-5:] + 0.01
-    judged, trained = quality.sequence_split(photos, later_stretch_of_third)
+    judged, trained = seg.sequence_split(photos, later_stretch_of_third)
     assert (judged, trained) == (range(30, 67), range(0, 30))
-    judged, trained = quality.sequence_split(photos, drives[0][:4])
+    judged, trained = seg.sequence_split(photos, drives[0][:4])
     assert (judged, trained) == (range(0, 30), range(30, 67))
 
 
@@ -138,8 +139,23 @@ def test_camvids_training_photos_split_into_its_drives_and_the_judge_gets_vals_d
     and no drive is cut between them."""
     _, photos = quality.load_split(CAMVID / "train", 32)
     _, val_photos = quality.load_split(CAMVID / "val", 32)
-    drives = quality.video_sequences(photos)
+    drives = seg.video_sequences(photos)
     assert len(drives) == 4 and min(len(d) for d in drives) > 50
-    judged, trained = quality.sequence_split(photos, val_photos)
+    judged, trained = seg.sequence_split(photos, val_photos)
     assert judged.stop == len(photos) and trained.start == 0
     assert trained.stop == judged.start in [d.start for d in drives]
+
+
+def test_the_benchmark_trains_g_against_a_segmenter_the_judge_never_saw(tmp_path):
+    """`oasis+segmenter`: G's segmenter and the judge are trained on disjoint halves of the
+    training scenes, and the run trains with G's segmenter."""
+    result = quality.main(["--configs", "oasis+segmenter", "--seeds", "0", "--image_size",
+                           "32", "--channels", "8", "--steps", "2", "--batch_size", "2",
+                           "--num_train", "6", "--num_val", "2", "--segmenter_steps", "2",
+                           "--work_dir", str(tmp_path), "--no_fid"])
+    assert result["split"]["judge_photos"] == result["split"]["segmenter_photos"] == 3
+    saved = load_checkpoint(next((tmp_path / "runs").glob("*oasis+segmenter_seed0")) /
+                            "checkpoints" / "latest.pth")
+    assert saved["config"]["segmenter_loss"] == 1.0
+    assert saved["config"]["segmenter"] == result["split"]["segmenter_path"]
+    assert segmentation.load_segmenter(saved["config"]["segmenter"]) is not None
