@@ -20,8 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import save_checkpoint
 from cityscapes import NUM_TRAIN_IDS
-from utils import UserError, run_cli, to_unit_range
+from dataset import PairDataset
+from labelmaps import SAMPLE_FILES, in_cityscapes_colours
+from losses import IGNORED_CLASS, layout_classes
+from utils import UserError, run_cli, to_uint8, to_unit_range
 
 SEGMENTER_FORMAT = "pix2pix-layout-segmenter"
 
@@ -54,7 +58,7 @@ class ContextSegmenter(nn.Module):
 
 
 def fit_segmenter(build, photos, targets, steps=400, batch_size=8, seed=0, lr=2e-3,
-                  ignore_index=-100):
+                  ignore_index=IGNORED_CLASS):
     """The network `build()` makes, fitted to (N, 3, H, W) photos (in [-1, 1], or uint8) and
     their (N, H, W) class targets: Adam with a one-cycle schedule, random left-right flips
     (streets are left-right symmetric). Returned in eval mode."""
@@ -79,7 +83,6 @@ def fit_segmenter(build, photos, targets, steps=400, batch_size=8, seed=0, lr=2e
 
 
 def save_segmenter(network, path, trained_on=""):
-    from checkpoints import save_checkpoint  # (the training stack: not at import time)
     save_checkpoint({"format": SEGMENTER_FORMAT, "width": network.width,
                      "trained_on": trained_on, "weights": network.state_dict()}, path)
 
@@ -107,16 +110,12 @@ def load_segmenter(path, device="cpu"):
 def training_set(data_dir, image_size):
     """(photos uint8 (N, 3, H, W), class targets int64 (N, H, W)) of DATA/train, the classes
     read off label maps drawn in the Cityscapes colours (losses.layout_classes, less 1)."""
-    from dataset import PairDataset
-    from labelmaps import in_cityscapes_colours
-    from losses import IGNORED_CLASS, layout_classes
-    from utils import to_uint8
-
     folder = Path(data_dir) / "train"
     data = PairDataset(folder, image_size=image_size, train=False)
     items = [data[i] for i in range(len(data))]
     labels = torch.stack([item["source"] for item in items])
-    if not in_cityscapes_colours(to_uint8(labels[:64]).permute(0, 2, 3, 1).numpy()):
+    sample = labels[::max(1, len(labels) // SAMPLE_FILES)][:SAMPLE_FILES]  # spread: drives
+    if not in_cityscapes_colours(to_uint8(sample).permute(0, 2, 3, 1).numpy()):
         raise UserError(f"{folder}: the label maps are not drawn in the Cityscapes colours; "
                         "a segmenter needs their classes")
     classes = torch.cat([layout_classes(part) for part in labels.split(64)])

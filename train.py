@@ -241,12 +241,13 @@ def saved_on_bad_data(config, runtime, progress, save, meter):
                         f"file, then resume with {resume_command(config)}") from None
 
 
-def frozen_segmenter(config, runtime):
+def frozen_segmenter(config, runtime, label_maps):
     """--segmenter_loss's frozen segmenter on the device, or None; it reads its classes off
-    label maps drawn in the Cityscapes colours, checked on the training label maps."""
+    label maps drawn in the Cityscapes colours, checked on `label_maps` (a sample of the
+    training label maps, (H, W, 3) uint8)."""
     if not config.segmenter_loss:
         return None
-    if not in_cityscapes_colours(list(training_label_maps(config))):
+    if not in_cityscapes_colours(label_maps):
         raise UserError(f"{config.data_dir}: the training label maps are not drawn in the "
                         "Cityscapes colours, which --segmenter_loss reads its classes off")
     segmenter = load_segmenter(config.segmenter, runtime.device)
@@ -285,12 +286,14 @@ def _train(config, runtime, resume_from, overwrite):
     # a head per class); part of the run's configuration from here on (a resume keeps it and
     # reads nothing here, so a bad checkpoint is reported before any problem with the data).
     # NOTE: with auto the loader below lists the folder a second time (under a second).
-    gan_loss = config.decide_gan_loss(training_label_maps(config))
+    needs_label_maps = config.gan_loss == "auto" or config.segmenter_loss
+    label_maps = list(training_label_maps(config)) if needs_label_maps else []
+    gan_loss = config.decide_gan_loss(label_maps)
     if runtime.is_main and gan_loss != config.gan_loss:
         print(f"adversarial loss: {gan_loss} (--gan_loss auto: the training label maps are "
               f"{'' if gan_loss == 'oasis' else 'not '}drawn in the Cityscapes colours)")
     config = replace(config, gan_loss=gan_loss)  # (TrainConfig refuses --labelmix unless oasis)
-    segmenter = frozen_segmenter(config, runtime)
+    segmenter = frozen_segmenter(config, runtime, label_maps)
 
     # Networks and optimisers: identical initial weights on every process.
     torch.manual_seed(config.seed)
