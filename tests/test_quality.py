@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import quality
+from benchmark import quality, quality_report
 from benchmark import segmenter as seg
 from conftest import CAMVID, tiny_model
 from dataset import PairDataset
@@ -23,13 +23,13 @@ def test_a_configuration_wins_only_beyond_the_spread():
     runs = [run("paper", 0, fid=100.0, l1=0.30), run("paper", 1, fid=110.0, l1=0.32),
             run("a", 0, fid=90.0, l1=0.31), run("a", 1, fid=99.0, l1=0.33),
             run("b", 0, fid=95.0, l1=0.30), run("b", 1, fid=105.0, l1=0.29)]
-    summary = quality.summarise(runs)
+    summary = quality_report.summarise(runs)
     assert summary["paper"]["fid"] == {"mean": 105.0, "min": 100.0, "max": 110.0}
-    assert quality.beyond_spread(summary, "a") == ["fid"]  # L1 ranges overlap
-    assert quality.beyond_spread(summary, "b") == []  # FID 95..105 overlaps 100..110
-    one_seed = quality.summarise([run("paper", 0, fid=100.0), run("c", 0, fid=1.0)])
-    assert quality.beyond_spread(one_seed, "c") == []  # the spread is unknown
-    assert "| a | 94.5 [90.0–99.0]" in quality.format_table(summary)
+    assert quality_report.beyond_spread(summary, "a") == ["fid"]  # L1 ranges overlap
+    assert quality_report.beyond_spread(summary, "b") == []  # FID 95..105 overlaps 100..110
+    one_seed = quality_report.summarise([run("paper", 0, fid=100.0), run("c", 0, fid=1.0)])
+    assert quality_report.beyond_spread(one_seed, "c") == []  # the spread is unknown
+    assert "| a | 94.5 [90.0–99.0]" in quality_report.format_table(summary)
 
 
 def test_the_judge_learns_flat_regions_and_scores_them():
@@ -106,7 +106,7 @@ def test_equal_time_takes_each_run_at_its_last_point_within_the_shortest_run():
                                                              train_seconds=60.0),
             run("slow", 1, step=200, train_seconds=40.0), run("fast", 1, step=200,
                                                              train_seconds=41.0)]
-    chosen = {(r["config"], r["seed"]): r["step"] for r in quality.at_equal_time(runs)}
+    chosen = {(r["config"], r["seed"]): r["step"] for r in quality_report.at_equal_time(runs)}
     # Seed 0: within fast's 60 s slow has reached step 100; seed 1: both within 5 %.
     assert chosen == {("slow", 0): 100, ("fast", 0): 200, ("slow", 1): 200, ("fast", 1): 200}
     assert quality.score_steps(300, 3) == [100, 200, 300]
