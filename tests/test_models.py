@@ -1,5 +1,6 @@
 """The networks: sizes, shapes, receptive fields, dropout, biases, init, names, skips, D's
-stacked passes, batch norm folded for use (the resize-convolution's fast paths: test_resize_conv)."""
+stacked passes, batch norm folded for use (the resize-convolution's fast paths:
+test_resize_conv.py)."""
 
 import pytest
 import torch
