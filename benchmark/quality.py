@@ -326,7 +326,9 @@ def artefacts(fake, real, edge_columns=None):
         error from the border's missing context alone, a blur, leaves it at or below 1);
       grid_power_ratio: the share of spectral power on the 2- and 4-pixel periods (rows and
         columns of the 2D spectrum at H/2, H/4, W/2, W/4) in the generated photos over that in
-        the real ones (a grid: > 1)."""
+        the real ones (a grid: > 1);
+      border_lines / real_border_lines: lines at fixed places along the border, the same in
+        every photo (see `border_lines`), in levels 0..255."""
     fake, real = fake.float(), real.float()
     to_255 = 127.5
     mean_f, mean_r = fake.mean((0, 2, 3)), real.mean((0, 2, 3))
@@ -348,7 +350,22 @@ def artefacts(fake, real, edge_columns=None):
             "std_ratio": (std_f / std_r.clamp_min(1e-6)).min().item(),
             "edge_error_ratio": (edges / middle.clamp_min(1e-6)).item(),
             "edge_detail_ratio": (detail_edges / detail_middle.clamp_min(1e-6)).item(),
-            "grid_power_ratio": grid_share(fake) / max(grid_share(real), 1e-12)}
+            "grid_power_ratio": grid_share(fake) / max(grid_share(real), 1e-12),
+            "border_lines": border_lines(fake), "real_border_lines": border_lines(real)}
+
+
+def border_lines(photos):
+    """How strongly the mean photo of a set ((N, C, H, W) in [-1, 1]) has lines at fixed
+    places near its border: the mean |p[i] - (p[i-1] + p[i+1]) / 2| of its column profile p
+    (and of its row profile) over the outer W/16 (H/16) places on each side, in levels 0..255.
+    What changes from photo to photo averages out; a frame drawn at the same columns and rows
+    of every photo (a network's border pattern) stays. Real photos: near 0."""
+    def lines(profile):  # (C, L) -> the outer places' mean strength
+        bumps = (profile[:, 1:-1] - (profile[:, :-2] + profile[:, 2:]) / 2).abs().mean(0)
+        edge = max(2, profile.shape[-1] // 16)
+        return torch.cat([bumps[:edge], bumps[-edge:]]).mean()
+    photos = photos.float()
+    return ((lines(photos.mean((0, 2))) + lines(photos.mean((0, 3)))) / 2 * 127.5).item()
 
 
 def grid_share(photos):

@@ -8,9 +8,10 @@ import statistics
 from pathlib import Path
 
 METRICS = ("fid", "kid", "pixel_accuracy", "mean_iou", "l1", "psnr", "train_seconds",
-           "edge_error_ratio", "edge_detail_ratio", "grid_power_ratio", "mean_shift", "std_ratio")
-ARTEFACTS = ("edge_error_ratio", "edge_detail_ratio", "grid_power_ratio", "mean_shift",
-             "std_ratio")
+           "edge_error_ratio", "edge_detail_ratio", "border_lines", "grid_power_ratio",
+           "mean_shift", "std_ratio")
+ARTEFACTS = ("edge_error_ratio", "edge_detail_ratio", "border_lines", "grid_power_ratio",
+             "mean_shift", "std_ratio")
 LOWER_IS_BETTER = {"fid", "kid", "l1", "train_seconds"}
 
 
@@ -72,6 +73,7 @@ COLUMNS = {"fid": ("FID", 1, 1), "kid": ("KID x1000", 1000, 1), "pixel_accuracy"
            "psnr": ("PSNR", 1, 2), "train_seconds": ("train s", 1, 0),
            "edge_error_ratio": ("edge err ratio", 1, 2),
            "edge_detail_ratio": ("edge detail ratio", 1, 2),
+           "border_lines": ("border lines", 1, 1),
            "grid_power_ratio": ("grid power", 1, 2),
            "mean_shift": ("mean shift", 1, 1), "std_ratio": ("spread ratio", 1, 2)}
 

@@ -99,6 +99,22 @@ def test_artefacts_see_a_cast_edge_stripes_and_a_grid():
     assert quality.artefacts(gridded, real)["grid_power_ratio"] > 2
 
 
+def test_border_lines_see_a_frame_drawn_in_every_photo_and_nothing_else():
+    torch.manual_seed(0)
+    photos = torch.rand(64, 3, 64, 64) * 1.6 - 0.8  # changes from photo to photo: averages out
+    plain = quality.border_lines(photos)
+    assert plain < 5
+    framed = photos.clone()
+    framed[..., 3] += 0.1  # a line 3 columns in, 12.75 levels, in every photo
+    framed[..., 2, :] -= 0.1  # and one 2 rows down
+    assert quality.border_lines(framed) > plain + 2
+    centred = photos.clone()
+    centred[..., 32] += 0.1  # the same line in the middle is not a border pattern
+    assert quality.border_lines(centred) == pytest.approx(plain, abs=1e-4)
+    values = quality.artefacts(framed, photos)
+    assert values["border_lines"] > values["real_border_lines"] + 2
+
+
 def test_equal_time_takes_each_run_at_its_last_point_within_the_shortest_run():
     runs = [run("slow", 0, step=100, train_seconds=50.0), run("slow", 0, step=200,
                                                              train_seconds=100.0),
