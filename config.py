@@ -62,6 +62,7 @@ class TrainConfig:
     norm: str = model_option("norm")
     dropout: bool = model_option("dropout")
     upsample: str = model_option("upsample")
+    padding: str = model_option("padding")
     # Optimisation.
     epochs: int = option(50, "epochs in total", minimum=1, resumable=True)
     decay_epochs: int = option(0, "of --epochs, how many decay the LR linearly to 0", minimum=0,

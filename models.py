@@ -29,8 +29,42 @@ def _instance_norm(channels):
 NORMS = {"batch": _batch_norm, "instance": _instance_norm}
 
 
-def _transposed_conv(c_in, c_out, bias):
-    return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=bias)
+# What the generator's convolutions take beyond the image's border. Zeros tell every level where
+# the border is, and a trained network draws a faint frame of lines a few pixels inside the
+# border of every photo (docs/quality.md, "The frame along the border"). "shallow" repeats
+# the edge pixels instead at the levels whose input is at least SHALLOW_SIZE pixels across
+# and keeps zeros at the deep ones, whose position code is the layout's coarse prior: no
+# frame. "replicate" repeats them at every level.
+PADDINGS = ("zeros", "shallow", "replicate")
+SHALLOW_SIZE = 16
+
+
+def level_padding(padding, input_size):
+    """The padding mode of a level whose input is `input_size` pixels across."""
+    replicate = padding == "replicate" or (padding == "shallow" and input_size >= SHALLOW_SIZE)
+    return "replicate" if replicate else "zeros"
+
+
+class TransposedConv2d(nn.ConvTranspose2d):
+    """The paper's 4x4 stride-2 transposed convolution (padding 1). With `padding_mode`
+    "replicate" the input's edge pixels are repeated once around it first and the outputs
+    they add beyond the border cropped (padding 3): a transposed convolution has no padding
+    mode of its own."""
+
+    def __init__(self, c_in, c_out, bias, padding_mode="zeros"):
+        self.replicate = padding_mode == "replicate"
+        super().__init__(c_in, c_out, 4, stride=2, padding=3 if self.replicate else 1,
+                         bias=bias)
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, 2H, 2W)
+        return super().forward(F.pad(x, (1, 1, 1, 1), mode="replicate") if self.replicate
+                               else x)
+
+
+def _transposed_conv(c_in, c_out, bias, padding_mode="zeros"):
+    if padding_mode == "zeros":  # the paper's layer as it is
+        return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=bias)
+    return TransposedConv2d(c_in, c_out, bias, padding_mode)
 
 
 # Along one axis, "nearest 2x, then taps (w0, w1, w2)" equals a stride-2 transposed convolution
@@ -103,9 +137,9 @@ class ResizeConv2d(nn.Module):
     max_tap_area = 64
     computation = "auto"
 
-    def __init__(self, c_in, c_out, bias):
+    def __init__(self, c_in, c_out, bias, padding_mode="zeros"):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias, padding_mode=padding_mode)
         self._prepared = {}  # kind -> (weight's identity and version, its prepared form)
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, 2H, 2W)
@@ -119,11 +153,40 @@ class ResizeConv2d(nn.Module):
             return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         if computation == "taps":
             weight = self.conv.weight
-            return resize_conv_by_taps(x, self.prepared(tap_matrix), self.conv.bias,
-                                       weight.is_contiguous(memory_format=torch.channels_last)
-                                       and not weight.is_contiguous())
-        return F.conv_transpose2d(x, self.prepared(fold_resize_kernel), self.conv.bias,
-                                  stride=2, padding=1)
+            out = resize_conv_by_taps(x, self.prepared(tap_matrix), self.conv.bias,
+                                      weight.is_contiguous(memory_format=torch.channels_last)
+                                      and not weight.is_contiguous())
+        else:
+            out = F.conv_transpose2d(x, self.prepared(fold_resize_kernel), self.conv.bias,
+                                     stride=2, padding=1)
+        return self.add_edges(out, x) if self.conv.padding_mode == "replicate" else out
+
+    def add_edges(self, out, x):
+        """Zero padding's result + what the repeated edge adds: the upsampled input's edge
+        rows beyond the top and bottom (each repeated at its own ends, the corners) times the
+        kernel's top and bottom rows of taps, and its edge columns beyond the left and right
+        times the outer columns of taps. Only the output's outer rows and columns change; a
+        few thin convolutions instead of a padded copy and the border outputs it would add."""
+        weight = self.conv.weight.to(out.dtype)
+        x = x.to(out.dtype)
+        edge_rows = torch.cat([x[..., :1, :], x[..., -1:, :]], dim=-2)
+        edge_cols = torch.cat([x[..., :1], x[..., -1:]], dim=-1)
+        up_rows = edge_rows.repeat_interleave(2, dim=-1)  # nearest 2x along the edge
+        up_cols = edge_cols.repeat_interleave(2, dim=-2)
+        rows = F.pad(up_rows, (1, 1, 0, 0), mode="replicate")  # (B, C, 2, 2W + 2)
+        cols = F.pad(up_cols, (0, 0, 1, 1))  # (B, C, 2H + 2, 2): corners counted in rows
+        top, bottom = (F.conv2d(rows[..., k:k + 1, :], weight[..., 2 * k:2 * k + 1, :])
+                       for k in (0, 1))
+        left, right = (F.conv2d(cols[..., k:k + 1], weight[..., 2 * k:2 * k + 1]) for k in (0, 1))
+        if torch.compiler.is_compiling():  # a traced graph (export): no in-place broadcasts
+            out = torch.cat([out[..., :1, :] + top, out[..., 1:-1, :], out[..., -1:, :] + bottom],
+                            dim=-2)  # (2H, 2W: at least 2 rows and columns)
+            return torch.cat([out[..., :1] + left, out[..., 1:-1], out[..., -1:] + right], dim=-1)
+        out[..., :1, :] += top
+        out[..., -1:, :] += bottom
+        out[..., :1] += left
+        out[..., -1:] += right
+        return out
 
     def prepared(self, form):
         """`form(weight)`; without gradients (inference, validation) made once and kept until
@@ -138,8 +201,8 @@ class ResizeConv2d(nn.Module):
         return kept[1]
 
 
-def _resize_conv(c_in, c_out, bias):
-    return ResizeConv2d(c_in, c_out, bias)
+def _resize_conv(c_in, c_out, bias, padding_mode="zeros"):
+    return ResizeConv2d(c_in, c_out, bias, padding_mode)
 
 
 UPSAMPLES = {"transposed": _transposed_conv, "resize": _resize_conv}
@@ -173,6 +236,12 @@ class ModelConfig:
     upsample: str = option("resize", "generator's upsampling: transposed convolution (paper) or "
                            "nearest resize + 3x3 convolution", tuple(UPSAMPLES),
                            paper="transposed", legacy="transposed")
+    padding: str = option("zeros", "what the generator's convolutions take beyond the image's "
+                          "border: zeros (the paper; the network draws a faint frame of lines "
+                          "along the border of every photo); shallow: the edge pixels "
+                          "repeated at the levels of 16x16 pixels and more, zeros at the deep "
+                          "ones (no frame; on real photos KID a little worse); replicate: "
+                          "repeated at every level", PADDINGS, paper="zeros", legacy="zeros")
     discriminator_classes: int = option(0, "0: D gives one real/fake logit per patch; N > 0 "
                                         "(OASIS): D sees the photo alone and gives N + 1 logits "
                                         "per patch, 'fake' and the N label classes", minimum=0)
@@ -225,12 +294,14 @@ class UNetGenerator(nn.Module):
     """
 
     def __init__(self, in_channels=3, out_channels=3, base_channels=64, depth=8,
-                 norm="batch", dropout=True, upsample="transposed"):
+                 norm="batch", dropout=True, upsample="transposed", padding="zeros"):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth must be >= 2, got {depth}")
         make_norm = norm_layer(norm)
         make_upsample = UPSAMPLES[upsample]
+        if padding not in PADDINGS:
+            raise ValueError(f"unknown padding {padding!r}; choose one of {PADDINGS}")
         # NOTE: like the reference, convolutions carry a bias only with instance norm
         # (affine-free), also where no norm follows (outermost and innermost down convs).
         bias = norm == "instance"
@@ -241,7 +312,8 @@ class UNetGenerator(nn.Module):
         for k in range(1, depth + 1):
             layers = OrderedDict()
             c_in = in_channels if k == 1 else widths[k - 2]
-            layers["conv"] = nn.Conv2d(c_in, widths[k - 1], 4, stride=2, padding=1, bias=bias)
+            layers["conv"] = nn.Conv2d(c_in, widths[k - 1], 4, stride=2, padding=1, bias=bias,
+                                       padding_mode=level_padding(padding, 2 ** (depth - k + 1)))
             if 1 < k < depth:
                 layers["norm"] = make_norm(widths[k - 1])
             # NOTE: the reference applies this LeakyReLU in place at the start of the next
@@ -256,11 +328,12 @@ class UNetGenerator(nn.Module):
             layers = OrderedDict()
             c_in = widths[k - 1] if k == depth else 2 * widths[k - 1]
             layers["act"] = nn.ReLU(inplace=True)
+            mode = level_padding(padding, 2 ** (depth - k))  # this block's input size
             if k == 1:
-                layers["conv"] = make_upsample(c_in, out_channels, True)
+                layers["conv"] = make_upsample(c_in, out_channels, True, mode)
                 layers["tanh"] = nn.Tanh()
             else:
-                layers["conv"] = make_upsample(c_in, widths[k - 2], bias)
+                layers["conv"] = make_upsample(c_in, widths[k - 2], bias, mode)
                 layers["norm"] = make_norm(widths[k - 2])
                 # The paper's only noise: dropout in the deep 8x-wide blocks above the
                 # bottleneck (levels 5..depth-1: three blocks at depth 8).
@@ -372,7 +445,8 @@ def fold_batch_norm(generator):
 
 def build_generator(config: ModelConfig) -> UNetGenerator:
     return UNetGenerator(config.in_channels, config.out_channels, config.generator_channels,
-                         config.depth, config.norm, config.dropout, config.upsample)
+                         config.depth, config.norm, config.dropout, config.upsample,
+                         config.padding)
 
 
 def build_discriminator(config: ModelConfig) -> PatchDiscriminator:

@@ -65,6 +65,7 @@ CONFIGS = {
     # benchmark, the judge and that segmenter are trained on different video sequences.
     "oasis+segmenter": {"preset": "default", "gan_loss": "oasis", "segmenter_loss": 1.0},
     "default+hinge": {"preset": "default", "gan_loss": "hinge"},  # the default until 2026-12-03
+    "default+shallow": {"preset": "default", "padding": "shallow"},  # no frame at the border
     "ema": {"ema_decay": 0.999},
     "resize": {"upsample": "resize"},
     "hinge": {"gan_loss": "hinge"},

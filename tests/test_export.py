@@ -52,7 +52,9 @@ def checkpoints(tmp_path_factory):
     # 64 pixels: deep enough for the decoder's dropout, which the exports must leave out.
     return {"transposed": random_checkpoint(folder / "transposed.pth", image_size=64,
                                             upsample="transposed"),
-            "resize": random_checkpoint(folder / "resize.pth", seed=1, upsample="resize")}
+            "resize": random_checkpoint(folder / "resize.pth", seed=1, upsample="resize"),
+            "shallow": random_checkpoint(folder / "shallow.pth", seed=2, upsample="resize",
+                                         padding="shallow")}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_random_generators_are_not_flat(checkpoints):
         assert all(p.std() > 20 for p in photos)
 
 
-@pytest.mark.parametrize("kind", ["transposed", "resize"])
+@pytest.mark.parametrize("kind", ["transposed", "resize", "shallow"])
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_each_format_round_trips_with_parity(exported, checkpoints, kind, suffix):
     path, (mean, worst) = exported[kind, suffix]
