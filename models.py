@@ -178,15 +178,11 @@ class ResizeConv2d(nn.Module):
         top, bottom = (F.conv2d(rows[..., k:k + 1, :], weight[..., 2 * k:2 * k + 1, :])
                        for k in (0, 1))
         left, right = (F.conv2d(cols[..., k:k + 1], weight[..., 2 * k:2 * k + 1]) for k in (0, 1))
-        if torch.compiler.is_compiling():  # a traced graph (export): no in-place broadcasts
-            out = torch.cat([out[..., :1, :] + top, out[..., 1:-1, :], out[..., -1:, :] + bottom],
-                            dim=-2)  # (2H, 2W: at least 2 rows and columns)
-            return torch.cat([out[..., :1] + left, out[..., 1:-1], out[..., -1:] + right], dim=-1)
-        out[..., :1, :] += top
-        out[..., -1:, :] += bottom
-        out[..., :1] += left
-        out[..., -1:] += right
-        return out
+        # Joined, not added in place into slices: autograd would copy the whole gradient for
+        # each slice, and a traced graph (export) would guard against a batch of 1.
+        out = torch.cat([out[..., :1, :] + top, out[..., 1:-1, :], out[..., -1:, :] + bottom],
+                        dim=-2)  # (2H x 2W: at least 2 rows and columns)
+        return torch.cat([out[..., :1] + left, out[..., 1:-1], out[..., -1:] + right], dim=-1)
 
     def prepared(self, form):
         """`form(weight)`; without gradients (inference, validation) made once and kept until
