@@ -55,9 +55,9 @@ def test_replicate_transposed_conv_sees_the_edge_pixels_beyond_the_border(size):
 def level_modes(generator):
     encoder = [block.conv.padding_mode for block in generator.encoder.values()]
     decoder = [getattr(block.conv, "conv", block.conv) for block in generator.decoder.values()]
-    return encoder, [c.padding_mode if hasattr(c, "padding_mode") and not
-                     isinstance(c, TransposedConv2d) else
-                     ("replicate" if c.replicate else "zeros") for c in decoder]
+    # (a transposed convolution's own padding_mode is always "zeros": TransposedConv2d pads)
+    return encoder, ["replicate" if getattr(c, "replicate", False) else c.padding_mode
+                     for c in decoder]
 
 
 @pytest.mark.parametrize("upsample", ["resize", "transposed"])
