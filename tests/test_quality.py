@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import quality, quality_report
+from benchmark import artefacts, quality, quality_report
 from benchmark import segmenter as seg
 from conftest import CAMVID, tiny_model
 from dataset import PairDataset
@@ -71,17 +71,17 @@ def test_unknown_configurations_are_refused():
 def test_artefacts_see_a_cast_edge_stripes_and_a_grid():
     torch.manual_seed(0)
     real = torch.rand(4, 3, 32, 32) * 1.6 - 0.8
-    same = quality.artefacts(real, real)
+    same = artefacts.artefacts(real, real)
     assert same["mean_shift"] == 0 and math.isclose(same["grid_power_ratio"], 1.0)
     assert same["std_ratio"] == 1.0
     cast = real.clone()
     cast[:, 1] += 0.2  # green by 25.5 levels
-    assert math.isclose(quality.artefacts(cast, real)["mean_shift"], 25.5, rel_tol=1e-4)
+    assert math.isclose(artefacts.artefacts(cast, real)["mean_shift"], 25.5, rel_tol=1e-4)
     striped = real.clone()
     striped[..., :2] = 1.0  # bright columns at the left edge
-    profile = quality.artefacts(striped, real)
+    profile = artefacts.artefacts(striped, real)
     assert profile["edge_error_ratio"] > 3
-    assert quality.artefacts(real + 0.05, real)["edge_error_ratio"] == pytest.approx(1.0)
+    assert artefacts.artefacts(real + 0.05, real)["edge_error_ratio"] == pytest.approx(1.0)
     assert same["edge_detail_ratio"] == pytest.approx(1.0)
     smooth = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4), size=(32, 32),
                                              mode="bilinear") * 1.6 - 0.8
@@ -89,29 +89,29 @@ def test_artefacts_see_a_cast_edge_stripes_and_a_grid():
     combed = smooth.clone()
     combed[..., :3] += comb
     combed[..., -3:] += comb
-    assert quality.artefacts(combed, smooth)["edge_detail_ratio"] > 2
+    assert artefacts.artefacts(combed, smooth)["edge_detail_ratio"] > 2
     blurred = real.clone()
     blurred[..., :2] = real[..., :2].mean(-1, keepdim=True)  # only a blur at the edge
     blurred[..., -2:] = real[..., -2:].mean(-1, keepdim=True)
-    assert quality.artefacts(blurred, real)["edge_detail_ratio"] < 1
+    assert artefacts.artefacts(blurred, real)["edge_detail_ratio"] < 1
     checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2 * 0.4 - 0.2
     gridded = (real + checker).clamp(-1, 1)
-    assert quality.artefacts(gridded, real)["grid_power_ratio"] > 2
+    assert artefacts.artefacts(gridded, real)["grid_power_ratio"] > 2
 
 
 def test_border_lines_see_a_frame_drawn_in_every_photo_and_nothing_else():
     torch.manual_seed(0)
     photos = torch.rand(64, 3, 64, 64) * 1.6 - 0.8  # changes from photo to photo: averages out
-    plain = quality.border_lines(photos)
+    plain = artefacts.border_lines(photos)
     assert plain < 5
     framed = photos.clone()
     framed[..., 3] += 0.1  # a line 3 columns in, 12.75 levels, in every photo
     framed[..., 2, :] -= 0.1  # and one 2 rows down
-    assert quality.border_lines(framed) > plain + 2
+    assert artefacts.border_lines(framed) > plain + 2
     centred = photos.clone()
     centred[..., 32] += 0.1  # the same line in the middle is not a border pattern
-    assert quality.border_lines(centred) == pytest.approx(plain, abs=1e-4)
-    values = quality.artefacts(framed, photos)
+    assert artefacts.border_lines(centred) == pytest.approx(plain, abs=1e-4)
+    values = artefacts.artefacts(framed, photos)
     assert values["border_lines"] > values["real_border_lines"] + 2
 
 
