@@ -73,3 +73,18 @@ def grid_share(photos):
         if w % period == 0:
             on_grid[:, w // period] = on_grid[:, -(w // period)] = True
     return (power[on_grid].sum() / power.sum().clamp_min(1e-12)).item()
+
+
+def period_power_ratios(fake, real):
+    """The generated photos' horizontal power spectrum over the real photos', by period in
+    pixels ({period: ratio}, periods W/k for k = 1..W/2). Each set's spectrum: the grey,
+    mean-removed rows' power by frequency, averaged over rows and photos, as a share of its
+    total. A grid at a fixed period shows as a peak over the neighbouring periods."""
+    def spectrum(photos):
+        grey = photos.float().mean(1)
+        grey = grey - grey.mean((-2, -1), keepdim=True)
+        power = torch.fft.rfft(grey, dim=-1).abs().square().mean((0, 1))  # (W // 2 + 1,)
+        return power / power.sum().clamp_min(1e-12)
+    ratio = spectrum(fake) / spectrum(real).clamp_min(1e-12)
+    width = fake.shape[-1]
+    return {width / k: ratio[k].item() for k in range(1, width // 2 + 1)}

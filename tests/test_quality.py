@@ -115,6 +115,19 @@ def test_border_lines_see_a_frame_drawn_in_every_photo_and_nothing_else():
     assert values["border_lines"] > values["real_border_lines"] + 2
 
 
+def test_period_power_ratios_peak_at_a_grid_added_to_every_photo():
+    torch.manual_seed(0)
+    real = torch.nn.functional.interpolate(torch.rand(16, 3, 8, 8), size=(64, 64),
+                                           mode="bilinear") * 1.6 - 0.8
+    same = artefacts.period_power_ratios(real, real)
+    assert set(same) == {64 / k for k in range(1, 33)}
+    assert all(v == pytest.approx(1.0) for v in same.values())
+    columns = torch.arange(64, dtype=torch.float32)
+    gridded = real + 0.05 * torch.cos(2 * math.pi * columns / 8)  # an 8-pixel grid
+    ratios = artefacts.period_power_ratios(gridded, real)
+    assert ratios[8.0] > 3 * max(ratios[64 / 7], ratios[64 / 9])
+
+
 def test_equal_time_takes_each_run_at_its_last_point_within_the_shortest_run():
     runs = [run("slow", 0, step=100, train_seconds=50.0), run("slow", 0, step=200,
                                                              train_seconds=100.0),
