@@ -60,10 +60,15 @@ def border_lines(photos):
     return ((lines(photos.mean((0, 2))) + lines(photos.mean((0, 3)))) / 2 * 127.5).item()
 
 
+def _grey(photos):
+    """(N, C, H, W) -> (N, H, W): each photo's grey, its mean removed (what a spectrum reads)."""
+    grey = photos.float().mean(1)
+    return grey - grey.mean((-2, -1), keepdim=True)
+
+
 def grid_share(photos):
     """Share of the (mean-removed, grey) photos' spectral power on the 2- and 4-pixel periods."""
-    grey = photos.mean(1)
-    grey = grey - grey.mean((-2, -1), keepdim=True)
+    grey = _grey(photos)
     power = torch.fft.fft2(grey).abs().square().mean(0)  # (H, W)
     h, w = power.shape
     on_grid = torch.zeros_like(power, dtype=torch.bool)
@@ -81,9 +86,7 @@ def period_power_ratios(fake, real):
     mean-removed rows' power by frequency, averaged over rows and photos, as a share of its
     total. A grid at a fixed period shows as a peak over the neighbouring periods."""
     def spectrum(photos):
-        grey = photos.float().mean(1)
-        grey = grey - grey.mean((-2, -1), keepdim=True)
-        power = torch.fft.rfft(grey, dim=-1).abs().square().mean((0, 1))  # (W // 2 + 1,)
+        power = torch.fft.rfft(_grey(photos), dim=-1).abs().square().mean((0, 1))  # (W // 2 + 1,)
         return power / power.sum().clamp_min(1e-12)
     ratio = spectrum(fake) / spectrum(real).clamp_min(1e-12)
     width = fake.shape[-1]
